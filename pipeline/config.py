@@ -1,0 +1,438 @@
+"""params.yaml: load, pick the preset, validate every knob before any work starts.
+
+params.yaml holds the values (paper CIFAR-10 defaults at the top level, per-preset overrides under
+`presets:`, the switch `preset:`); this module holds their types and limits. Every problem is
+reported as one line naming the key, e.g. `params.yaml: ct.lrr: unknown key (did you mean 'lr'?)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+ENV_SOURCE = "CIFAR10_SOURCE"  # overrides data.source, so a local copy needs no edit of params.yaml
+
+
+class ConfigError(ValueError):
+    """A problem with params.yaml or an override; the message is one line naming the key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schema: one dataclass per section. Field types are checked; `problems()` checks values.
+
+
+@dataclass(frozen=True)
+class Run:
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int  # torch CPU threads; 0 = leave torch's default
+    experiment: str
+    tracking_uri: str  # the environment variable MLFLOW_TRACKING_URI wins when set
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("threads", "must be >= 0")] if self.threads < 0 else []
+
+
+@dataclass(frozen=True)
+class Data:
+    dataset: Literal["cifar10"]
+    source: str  # 'torchvision' (download) or a .tar.gz / folder of class folders
+    max_train: int | None  # keep the first n training images per class order (None = all)
+    hflip: bool
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("max_train", "must be > 0 or null")] if self.max_train is not None and self.max_train <= 0 else []
+
+
+@dataclass(frozen=True)
+class Diffusion:
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    sigma_data: float
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(k, "must be > 0") for k in ("sigma_min", "sigma_max", "rho", "sigma_data") if getattr(self, k) <= 0]
+        if not out and self.sigma_max <= self.sigma_min:
+            out.append(("sigma_max", f"must be > sigma_min ({self.sigma_min})"))
+        return out
+
+
+@dataclass(frozen=True)
+class Network:
+    arch: Literal["ncsnpp", "ddpmpp", "adm"]
+    model_channels: int
+    channel_mult: list[int]
+    num_blocks: int
+    attn_resolutions: list[int]
+    options: dict[str, Any]  # further keyword arguments of pipeline.networks.build_network
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.model_channels <= 0:
+            out.append(("model_channels", "must be > 0"))
+        if not self.channel_mult or min(self.channel_mult) <= 0:
+            out.append(("channel_mult", "must be a non-empty list of positive integers"))
+        if self.num_blocks < 1:
+            out.append(("num_blocks", "must be >= 1"))
+        return out
+
+
+def _training_problems(cfg: Any) -> list[tuple[str, str]]:
+    positive = ("iterations", "batch", "lr", "checkpoint_every", "log_every")
+    out = [(k, "must be > 0") for k in positive if getattr(cfg, k) <= 0]
+    if not 0 <= cfg.dropout < 1:
+        out.append(("dropout", "must be in [0, 1)"))
+    return out
+
+
+@dataclass(frozen=True)
+class Teacher:
+    iterations: int
+    batch: int
+    lr: float
+    lr_rampup_kimg: float  # linear learning-rate warm-up over this many thousand images (EDM)
+    dropout: float
+    p_mean: float  # log-normal training sigmas: ln(sigma) ~ N(p_mean, p_std^2) (EDM)
+    p_std: float
+    ema_halflife_kimg: float
+    ema_rampup: float | None  # EDM's ramp: half-life <= rampup * images seen
+    checkpoint_every: int
+    log_every: int
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _training_problems(self)
+        if self.p_std <= 0:
+            out.append(("p_std", "must be > 0"))
+        if self.ema_halflife_kimg < 0 or self.lr_rampup_kimg < 0:
+            out.append(("ema_halflife_kimg" if self.ema_halflife_kimg < 0 else "lr_rampup_kimg", "must be >= 0"))
+        return out
+
+
+Metric = Literal["l2", "l1", "lpips", "pseudo_huber"]
+
+
+@dataclass(frozen=True)
+class Distill:
+    iterations: int
+    batch: int
+    lr: float
+    optimizer: Literal["radam", "adam"]
+    N: int  # discretisation steps of the teacher's ODE
+    mu: float  # target network EMA rate
+    solver: Literal["euler", "heun"]
+    metric: Metric
+    ema: float  # EMA rate of the weights that are evaluated
+    dropout: float
+    init_from_teacher: bool
+    checkpoint_every: int
+    log_every: int
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _training_problems(self)
+        if self.N < 2:
+            out.append(("N", f"must be >= 2, got {self.N}"))
+        out += [(k, "must be in [0, 1)") for k in ("mu", "ema") if not 0 <= getattr(self, k) < 1]
+        return out
+
+
+@dataclass(frozen=True)
+class ConsistencyTraining:
+    iterations: int
+    batch: int
+    lr: float
+    optimizer: Literal["radam", "adam"]
+    s0: int  # initial discretisation N(0)
+    s1: int  # final discretisation N(K) - 1
+    mu0: float  # target EMA rate at N = s0
+    schedule: Literal["paper", "code", "fixed"]  # fixed: N = s1 + 1 and mu = mu0 throughout (Fig. 3d)
+    metric: Metric
+    ema: float
+    dropout: float
+    init_from_teacher: bool  # the official PyTorch launch script does; the paper starts from random
+    checkpoint_every: int
+    log_every: int
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _training_problems(self)
+        if self.s0 < 2:
+            out.append(("s0", f"must be >= 2 (N(0) = s0 discretisation steps), got {self.s0}"))
+        elif self.s1 < self.s0:
+            out.append(("s1", f"must be >= s0 ({self.s0}), got {self.s1}"))
+        out += [(k, "must be in [0, 1)") for k in ("mu0", "ema") if not 0 <= getattr(self, k) < 1]
+        return out
+
+
+@dataclass(frozen=True)
+class Lpips:
+    vgg16_weights: str  # torchvision's vgg16-397923af.pth
+    linear_weights: str  # the LPIPS v0.1 'vgg' linear layers
+
+
+@dataclass(frozen=True)
+class Sample:
+    num_samples: int
+    batch: int
+    seed: int
+    teacher_steps: int  # EDM Heun sampler: 2 * steps - 1 network evaluations
+    cd_schedules: list[list[float]]  # each: the descending times of Alg. 1 (its length is the NFE)
+    ct_schedules: list[list[float]]
+    grid: int  # images in the PNG grid of each schedule
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(k, "must be > 0") for k in ("num_samples", "batch", "grid") if getattr(self, k) <= 0]
+        if self.teacher_steps < 2:
+            out.append(("teacher_steps", f"must be >= 2, got {self.teacher_steps}"))
+        for key in ("cd_schedules", "ct_schedules"):
+            for schedule in getattr(self, key):
+                if not schedule or min(schedule) <= 0:
+                    out.append((key, f"every time must be > 0, got {schedule}"))
+                elif any(b >= a for a, b in zip(schedule, schedule[1:])):
+                    out.append((key, f"times must be strictly descending, got {schedule}"))
+            nfes = [len(s) for s in getattr(self, key)]
+            if len(set(nfes)) != len(nfes):
+                out.append((key, f"one schedule per number of steps, got lengths {nfes}"))
+        return out
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    ref_images: int | None  # training images in the FID reference statistics (None = all)
+    mode: Literal["clean", "legacy_tensorflow", "legacy_pytorch"]
+    inception: str  # 'auto', 'clean-fid', 'fid-helper' or a path (env INCEPTION_WEIGHTS overrides auto)
+    batch: int
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [("batch", "must be > 0")] if self.batch <= 0 else []
+        if self.ref_images is not None and self.ref_images < 2:
+            out.append(("ref_images", "must be >= 2 or null"))
+        return out
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpu: int
+    cpus: int
+    mem_mb: int
+    runtime: int  # minutes
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [("gpu", "must be >= 0")] if self.gpu < 0 else []
+        return out + [(k, "must be > 0") for k in ("cpus", "mem_mb", "runtime") if getattr(self, k) <= 0]
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str
+    run: Run
+    data: Data
+    diffusion: Diffusion
+    network: Network
+    teacher: Teacher
+    cd: Distill
+    ct: ConsistencyTraining
+    lpips: Lpips
+    sample: Sample
+    evaluate: Evaluate
+    resources: dict[str, Resources] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved plain dict
+
+    def section(self, dotted: str) -> Any:
+        """The resolved plain value at a dotted key, e.g. 'ct' or 'run.seed'."""
+        value: Any = self.raw
+        for part in dotted.split("."):
+            value = value[part]
+        return value
+
+
+SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name not in ("preset", "raw")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of base with override's values put in, recursing into dicts."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _unknown(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+    return ConfigError(f"{where}{key}: unknown key{hint}")
+
+
+def _check_value(path: str, value: Any, hint: Any) -> Any:
+    """Check value against a type hint; return it normalised (ints accepted as floats, '1e-4' too)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_value(path, value, inner)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"no check for {hint}")  # a schema bug, not a user error
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Instantiate a schema dataclass from a dict: unknown, missing, mistyped and impossible values fail."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.')}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise _unknown(where, str(key), names)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ConfigError(f"{where}{missing[0]}: missing (every knob lives in params.yaml)")
+    obj = cls(**{n: _check_value(where + n, values[n], hints[n]) for n in names})
+    for key, message in obj.problems() if hasattr(obj, "problems") else []:
+        got = "" if "got" in message else f"; got {getattr(obj, key)!r}"
+        raise ConfigError(f"{where}{key}: {message}{got}")
+    return obj
+
+
+def resolve(params: dict, preset: str | None = None, overrides: dict | None = None) -> dict:
+    """The plain dict of one preset: top-level defaults, then presets[preset], then overrides."""
+    params = dict(params)
+    presets = params.pop("presets", {}) or {}
+    chosen = preset or params.pop("preset", None)
+    params.pop("preset", None)
+    if chosen is None:
+        raise ConfigError("preset: missing (name one of the presets, e.g. 'preset: tiny')")
+    if chosen not in presets:
+        raise ConfigError(f"preset: unknown preset {chosen!r} (known: {', '.join(presets)})")
+    for name, body in presets.items():
+        for key in body or {}:
+            if key not in SECTIONS:
+                raise _unknown(f"presets.{name}.", str(key), list(SECTIONS))
+    out = deep_merge(params, presets[chosen] or {})
+    out = deep_merge(out, overrides or {})
+    out["preset"] = chosen
+    return out
+
+
+def validate(resolved: dict, source: str = "params.yaml") -> Config:
+    """Type- and value-check a resolved dict; raise ConfigError with one line naming the key."""
+    where = f"{source}: "
+    for key in resolved:
+        if key != "preset" and key not in SECTIONS:
+            raise _unknown(where, str(key), list(SECTIONS))
+    sections = {}
+    for name, cls in SECTIONS.items():
+        if name not in resolved:
+            raise ConfigError(f"{where}{name}: missing section")
+        if name == "resources":
+            if not isinstance(resolved[name], dict):
+                raise ConfigError(f"{where}resources: expected a mapping of stage -> resources")
+            sections[name] = {s: _build(Resources, v, f"{where}resources.{s}.") for s, v in resolved[name].items()}
+        else:
+            sections[name] = _build(cls, resolved[name], f"{where}{name}.")
+    _cross_checks(sections, where)
+    return Config(preset=resolved["preset"], raw=resolved, **sections)
+
+
+def _cross_checks(s: dict, where: str) -> None:
+    sigma_max = s["diffusion"].sigma_max
+    for key in ("cd_schedules", "ct_schedules"):
+        for schedule in getattr(s["sample"], key):
+            if schedule[0] > sigma_max:
+                raise ConfigError(f"{where}sample.{key}: starts at {schedule[0]} > diffusion.sigma_max {sigma_max}")
+
+
+def parse_override(text: str) -> dict:
+    """'ct.lr=1e-4' -> {'ct': {'lr': 1e-4}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. ct.lr=1e-4")
+    key, value = text.split("=", 1)
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read params.yaml, apply the preset and `--set` overrides and CIFAR10_SOURCE, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run from the repository root or pass --config)")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    merged: dict = {}
+    for text in overrides:
+        merged = deep_merge(merged, parse_override(text))
+    resolved = resolve(params, preset, merged)
+    if os.environ.get(ENV_SOURCE):
+        resolved.setdefault("data", {})["source"] = os.environ[ENV_SOURCE]
+    return validate(resolved, str(path))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--preset", default=None, help="override the file's `preset:` switch")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one knob, e.g. --set ct.lr=1e-4 (repeatable)")
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Load the config named by the CLI arguments; print one line and exit 2 on a problem."""
+    try:
+        return load(args.config, args.preset, args.set)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

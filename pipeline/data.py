@@ -1,0 +1,95 @@
+"""Files on disk: the uint8 dataset (N, H, W, 3) with labels in an .npz, training batches drawn from it,
+and atomic writes (temporary file in the same folder, then rename) for every output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_split(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write images (uint8 NHWC) and labels atomically."""
+    save_arrays(path, images=images, labels=labels)
+
+
+def load_split(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 NHWC, labels int64) of a prepared split."""
+    with np.load(path) as f:
+        return f["images"], f["labels"]
+
+
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC (rounded, clipped)."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Batches:
+    """Endless random training batches (with replacement across batches) with optional horizontal flips."""
+
+    def __init__(self, images: np.ndarray, batch: int, hflip: bool, seed: int):
+        self.images = torch.from_numpy(images)
+        self.batch, self.hflip = batch, hflip
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> torch.Tensor:
+        index = torch.randint(len(self.images), (self.batch,), generator=self.generator)
+        x = to_model_range(self.images[index])
+        if self.hflip:
+            flip = torch.rand(self.batch, generator=self.generator) < 0.5
+            x[flip] = x[flip].flip(-1)
+        return x
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block succeeds it is renamed to `path`.
+
+    A killed job never leaves half a file under the final name (Snakemake and DVC would trust it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """An .npz of named arrays, written atomically."""
+    with atomic_write(path) as tmp:
+        np.savez(tmp, **arrays)

@@ -1,0 +1,110 @@
+"""LPIPS (Zhang et al. 2018, v0.1, VGG16 backbone) and the training distance d(x, y) of CD and CT.
+
+LPIPS needs two weight files that cannot be fetched at run time here: torchvision's ImageNet VGG16
+and the LPIPS v0.1 linear layers. As in the paper, inputs below 256x256 are upsampled bilinearly to
+224x224 first (App. C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import cm
+from pipeline.config import Config, Lpips
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LAYER_ENDS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
+CHANNELS = (64, 128, 256, 512, 512)
+
+
+class LpipsWeightsMissing(FileNotFoundError):
+    pass
+
+
+def missing_weights(paths: Lpips) -> list[str]:
+    return [p for p in (paths.vgg16_weights, paths.linear_weights) if not Path(p).is_file()]
+
+
+def require_weights(paths: Lpips) -> None:
+    """Raise one clear line when LPIPS is asked for but its weight files are absent."""
+    if missing_weights(paths):
+        raise LpipsWeightsMissing(
+            f"metric lpips needs VGG16 ImageNet weights at {paths.vgg16_weights} (torchvision's vgg16-397923af.pth, "
+            f"{VGG16_URL}) and the LPIPS v0.1 VGG linear layers at {paths.linear_weights} (the file "
+            "lpips/weights/v0.1/vgg.pth of the `lpips` PyPI package); missing: "
+            f"{', '.join(missing_weights(paths))}. Set lpips.vgg16_weights / lpips.linear_weights in params.yaml, "
+            "or use metric l2, l1 or pseudo_huber offline.")
+
+
+class LPIPS(nn.Module):
+    """d(x, y) = sum_l mean_hw || w_l * (phi_l(x)/|phi_l(x)| - phi_l(y)/|phi_l(y)|) ||^2, x, y in [-1, 1]."""
+
+    def __init__(self, vgg16_state: dict | None = None, linear_state: dict | None = None) -> None:
+        super().__init__()
+        import torchvision
+
+        features = torchvision.models.vgg16(weights=None).features
+        if vgg16_state is not None:
+            prefix = "features."
+            features.load_state_dict({k[len(prefix):]: v for k, v in vgg16_state.items() if k.startswith(prefix)})
+        starts = (0,) + LAYER_ENDS[:-1]
+        self.slices = nn.ModuleList(features[a:b] for a, b in zip(starts, LAYER_ENDS))
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in CHANNELS)
+        if linear_state is not None:
+            for i, lin in enumerate(self.lins):
+                lin.weight.data.copy_(linear_state[f"lin{i}.model.1.weight"])
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).reshape(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    @classmethod
+    def from_files(cls, paths: Lpips) -> LPIPS:
+        require_weights(paths)
+        return cls(torch.load(paths.vgg16_weights, map_location="cpu", weights_only=True),
+                   torch.load(paths.linear_weights, map_location="cpu", weights_only=True))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h_x, h_y = (x - self.shift) / self.scale, (y - self.shift) / self.scale
+        total = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        for block, lin in zip(self.slices, self.lins):
+            h_x, h_y = block(h_x), block(h_y)
+            n_x = h_x / (h_x.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            n_y = h_y / (h_y.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + lin((n_x - n_y).square()).mean((1, 2, 3))
+        return total
+
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def training_distance(metric: str, paths: Lpips, device: torch.device) -> Distance:
+    """The per-sample distance of the CD/CT loss (paper eq. 9); LPIPS fails here, before training starts."""
+    if metric != "lpips":
+        return cm.loss_metric(metric)
+    try:
+        lpips = LPIPS.from_files(paths).to(device)
+    except LpipsWeightsMissing as e:
+        raise SystemExit(f"error: {e}") from None
+
+    def lpips_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < 256:
+            x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=224, mode="bilinear", align_corners=False)
+        return lpips(x, y)
+
+    return lpips_distance
+
+
+def preflight(cfg: Config) -> None:
+    """Fail before any job starts when a stage will need LPIPS weights that are absent."""
+    for stage, section in (("cd", cfg.cd), ("ct", cfg.ct)):
+        if section.metric == "lpips" and missing_weights(cfg.lpips):
+            try:
+                require_weights(cfg.lpips)
+            except LpipsWeightsMissing as e:
+                raise LpipsWeightsMissing(f"{stage}.{e}") from None

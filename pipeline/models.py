@@ -1,0 +1,107 @@
+"""Preconditioned models around a raw network F, and their checkpoints.
+
+Denoiser (EDM):          D(x, sigma) = c_skip x + c_out F(c_in x, c_noise(sigma))   (EDM eq. 7)
+ConsistencyModel (CM):   f(x, sigma) = c_skip x + c_out F(c_in x, c_noise(sigma))   (paper eq. 3, App. C)
+Both use EDM's c_noise = ln(sigma) / 4, so a student can start from its teacher's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import cm
+from pipeline.data import atomic_write
+from pipeline.networks import build_network
+
+IMG_RESOLUTION, CHANNELS = 32, 3  # CIFAR-10
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    """EDM's noise conditioning of F: ln(sigma) / 4."""
+    return sigma.log() / 4
+
+
+class Preconditioned(nn.Module):
+    """x -> c_skip x + c_out F(c_in x, c_noise(sigma)); subclasses choose the scalings."""
+
+    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float):
+        super().__init__()
+        self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in = self.scalings(sigma)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise(sigma).flatten(), class_labels)
+
+
+class Denoiser(Preconditioned):
+    def scalings(self, sigma):
+        return cm.edm_scalings(sigma, self.sigma_data)
+
+
+class ConsistencyModel(Preconditioned):
+    def scalings(self, sigma):
+        return cm.consistency_scalings(sigma, self.sigma_data, self.sigma_min)
+
+
+MODEL_CLASS = {"teacher": Denoiser, "cd": ConsistencyModel, "ct": ConsistencyModel}
+
+
+def build_model(kind: str, network: dict, diffusion: dict, dropout: float) -> Preconditioned:
+    """A fresh teacher Denoiser or consistency model from the `network` and `diffusion` sections."""
+    options = dict(network.get("options") or {})
+    net = build_network(
+        network["arch"], IMG_RESOLUTION, CHANNELS, CHANNELS,
+        model_channels=network["model_channels"], channel_mult=tuple(network["channel_mult"]),
+        num_blocks=network["num_blocks"], attn_resolutions=tuple(network["attn_resolutions"]),
+        dropout=dropout, **options,
+    )
+    return MODEL_CLASS[kind](net, diffusion["sigma_data"], diffusion["sigma_min"])
+
+
+def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """ema <- rate * ema + (1 - rate) * model, parameter by parameter; buffers are copied."""
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1 - rate)
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy that never receives gradients (EMA and target networks)."""
+    out = copy.deepcopy(model).eval()
+    out.requires_grad_(False)
+    return out
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically (a crash never leaves half a checkpoint)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema") -> Preconditioned:
+    """The model stored in a checkpoint, in eval mode; weights 'ema' (evaluated) or 'model' (online)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (run the training stage first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(ckpt["kind"], ckpt["network"], ckpt["diffusion"], dropout=0.0)
+    model.load_state_dict(ckpt[weights])
+    return model.to(device).eval().requires_grad_(False)
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The non-tensor fields of a checkpoint (kind, step, configs, MLflow run id)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: v for k, v in ckpt.items() if not isinstance(v, dict) or k in ("network", "diffusion", "config")}

@@ -1,0 +1,98 @@
+"""MLflow: one run per stage in one experiment, tagged with stage, preset and git commit.
+
+The tracking store is SQLite (params.yaml run.tracking_uri, default sqlite:///mlflow.db) unless the
+environment variable MLFLOW_TRACKING_URI names another (e.g. a server, for many SLURM jobs at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+
+
+def _retry(fn, *args, attempts: int = 8, **kwargs):
+    """Call fn, retrying while SQLite reports 'database is locked' (parallel jobs share one file)."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # mlflow wraps sqlalchemy's OperationalError in several ways
+            if "locked" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt * (1 + random.random()))
+
+
+def git_commit() -> str:
+    """The commit of the working tree ('+dirty' when it has changes), or 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """{'ct': {'lr': 4e-4}} -> {'ct.lr': '0.0004'}: MLflow params are flat strings."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def setup(cfg: Config) -> None:
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.run.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    _retry(mlflow.set_experiment, cfg.run.experiment)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | None = None) -> Iterator[Any]:
+    """Start (or, with run_id, resume) the MLflow run of one stage; logs every param on a new run."""
+    import mlflow
+
+    setup(cfg)
+    if run_id is not None:
+        run = _retry(mlflow.start_run, run_id=run_id)
+    else:
+        all_tags = {"stage": stage, "preset": cfg.preset, "git_commit": git_commit(), **(tags or {})}
+        run = _retry(mlflow.start_run, run_name=stage, tags=all_tags)
+        params = flatten({k: v for k, v in cfg.raw.items() if k != "resources"})
+        items = list(params.items())
+        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
+            _retry(mlflow.log_params, dict(items[i:i + 90]))
+    try:
+        yield run
+    except BaseException:
+        _retry(mlflow.end_run, status="FAILED")
+        raise
+    else:
+        _retry(mlflow.end_run)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    _retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str | os.PathLike) -> None:
+    import mlflow
+
+    if Path(path).exists():
+        _retry(mlflow.log_artifact, str(path))

@@ -1,0 +1,64 @@
+"""Stage train_ct: consistency training (paper Algorithm 3), no teacher.
+
+    python -m pipeline.train_ct [--config params.yaml] [--set ct.schedule=fixed]
+
+As distill_cd, but the point at t2 comes from the same data and noise: x_t2 = x + t2 z. The grid size
+N(k) and target rate mu(k) follow the adaptive schedule of Appendix C (pipeline.cm.ct_schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import lru_cache
+
+import torch
+
+from pipeline import cm
+from pipeline.config import add_arguments, from_args
+from pipeline.lpips import training_distance
+from pipeline.models import build_model, ema_update, frozen_copy, load_model
+from pipeline.stages import checkpoint
+from pipeline.training import Training, setup_torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args())
+    device = setup_torch(cfg)
+    c, d = cfg.ct, cfg.diffusion
+    distance = training_distance(c.metric, cfg.lpips, device)
+    model = build_model("ct", cfg.raw["network"], cfg.raw["diffusion"], dropout=c.dropout)
+    if c.init_from_teacher:
+        model.net.load_state_dict(load_model(checkpoint("teacher")).net.state_dict())
+    target = frozen_copy(model).to(device)
+    training = Training("ct", cfg, c, model, device, optimizer=c.optimizer, extra={"target": target})
+
+    def schedule(step: int) -> tuple[int, float]:
+        if c.schedule == "fixed":
+            return c.s1 + 1, c.mu0
+        return cm.ct_schedule(step, c.iterations, c.s0, c.s1, c.mu0, variant=c.schedule)
+
+    @lru_cache(maxsize=4)
+    def grid(n: int) -> torch.Tensor:
+        return cm.karras_sigmas(n, d.sigma_min, d.sigma_max, d.rho).to(device)
+
+    def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        n_steps, mu = schedule(step)
+        sigmas = grid(n_steps)
+        n = torch.randint(0, n_steps - 1, (x.shape[0],), device=device)
+        t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
+        z = torch.randn_like(x)
+        with torch.no_grad():
+            target_out = target(x + t2 * z, t2.flatten())
+        return distance(training.model(x + t * z, t.flatten()), target_out).mean(), {"N": n_steps, "mu": mu}
+
+    def after_step(step: int) -> dict:
+        ema_update(target, training.model, schedule(step)[1])
+        return {}
+
+    training.fit(loss_fn, lambda step: c.ema, after_step=after_step)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Stage train_teacher: the EDM denoiser (Karras et al. 2022) that consistency distillation starts from.
+
+    python -m pipeline.train_teacher [--config params.yaml] [--set teacher.iterations=1000]
+
+Denoising score matching with log-normal sigma and EDM's loss weight (EDM eq. 8 and Table 1),
+Adam with a linear learning-rate warm-up, and an EMA whose half-life ramps up with images seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pipeline.config import add_arguments, from_args
+from pipeline.models import Denoiser, build_model
+from pipeline.training import Training, setup_torch
+
+
+def edm_loss(denoiser: Denoiser, x: torch.Tensor, p_mean: float, p_std: float, sigma_data: float) -> torch.Tensor:
+    """E[lambda(sigma) ||D(x + sigma n, sigma) - x||^2], ln sigma ~ N(p_mean, p_std^2) (EDM eq. 8)."""
+    sigma = (torch.randn(x.shape[0], device=x.device) * p_std + p_mean).exp().reshape(-1, 1, 1, 1)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # lambda(sigma), EDM Table 1
+    denoised = denoiser(x + sigma * torch.randn_like(x), sigma.flatten())
+    return (weight * (denoised - x).square()).mean()
+
+
+def ema_rate(step: int, batch: int, halflife_kimg: float, rampup: float | None) -> float:
+    """EMA decay per step for a half-life in images, ramped up early in training (EDM's training loop)."""
+    halflife_images = halflife_kimg * 1000
+    if rampup is not None:
+        halflife_images = min(halflife_images, (step + 1) * batch * rampup)
+    return 0.5 ** (batch / max(halflife_images, 1e-8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    cfg = from_args(parser.parse_args())
+    device = setup_torch(cfg)
+    t = cfg.teacher
+    model = build_model("teacher", cfg.raw["network"], cfg.raw["diffusion"], dropout=t.dropout)
+    training = Training("teacher", cfg, t, model, device, optimizer="adam")
+    sigma_data = cfg.diffusion.sigma_data
+
+    def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return edm_loss(training.model, x, t.p_mean, t.p_std, sigma_data), {}
+
+    def lr_at(step: int) -> float:
+        return t.lr * min((step + 1) * t.batch / max(t.lr_rampup_kimg * 1000, 1e-8), 1.0)
+
+    training.fit(loss_fn, lambda step: ema_rate(step, t.batch, t.ema_halflife_kimg, t.ema_rampup), lr_at=lr_at)
+
+
+if __name__ == "__main__":
+    main()
