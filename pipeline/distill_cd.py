@@ -10,6 +10,7 @@ lambda = 1; then theta- <- mu theta- + (1 - mu) theta. The student starts from t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -19,6 +20,18 @@ from pipeline.lpips import training_distance
 from pipeline.models import build_model, ema_update, frozen_copy, load_model
 from pipeline.stages import checkpoint
 from pipeline.training import Training, setup_torch
+
+
+def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+            teacher_step: Callable, distance: Callable) -> torch.Tensor:
+    """Algorithm 2, one batch: d(f_theta(x_t, t), f_theta-(x_t2, t2)), x_t2 from one teacher ODE step."""
+    n = torch.randint(0, len(sigmas) - 1, (x.shape[0],), device=x.device)
+    t, t2 = sigmas[n], sigmas[n + 1]
+    x_t = x + t.reshape(-1, *[1] * (x.ndim - 1)) * torch.randn_like(x)
+    with torch.no_grad():
+        x_t2 = teacher_step(teacher, x_t, t, t2)
+        target_out = target(x_t2, t2)
+    return distance(student(x_t, t), target_out).mean()
 
 
 def main() -> None:
@@ -38,13 +51,7 @@ def main() -> None:
     teacher_step = {"euler": cm.euler_step, "heun": cm.heun_step}[c.solver]
 
     def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        n = torch.randint(0, c.N - 1, (x.shape[0],), device=device)
-        t, t2 = sigmas[n], sigmas[n + 1]
-        x_t = x + t.reshape(-1, 1, 1, 1) * torch.randn_like(x)
-        with torch.no_grad():
-            x_t2 = teacher_step(teacher, x_t, t, t2)
-            target_out = target(x_t2, t2)
-        return distance(training.model(x_t, t), target_out).mean(), {}
+        return cd_loss(training.model, target, teacher, x, sigmas, teacher_step, distance), {}
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, c.mu)

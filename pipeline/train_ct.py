@@ -9,6 +9,7 @@ N(k) and target rate mu(k) follow the adaptive schedule of Appendix C (pipeline.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -19,6 +20,18 @@ from pipeline.lpips import training_distance
 from pipeline.models import build_model, ema_update, frozen_copy, load_model
 from pipeline.stages import checkpoint
 from pipeline.training import Training, setup_torch
+
+
+def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+            distance: Callable) -> torch.Tensor:
+    """Algorithm 3, one batch: d(f_theta(x + t z, t), f_theta-(x + t2 z, t2)) with the same z."""
+    n = torch.randint(0, len(sigmas) - 1, (x.shape[0],), device=x.device)
+    t, t2 = sigmas[n], sigmas[n + 1]
+    shape = (-1, *[1] * (x.ndim - 1))
+    z = torch.randn_like(x)
+    with torch.no_grad():
+        target_out = target(x + t2.reshape(shape) * z, t2)
+    return distance(model(x + t.reshape(shape) * z, t), target_out).mean()
 
 
 def main() -> None:
@@ -45,13 +58,7 @@ def main() -> None:
 
     def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         n_steps, mu = schedule(step)
-        sigmas = grid(n_steps)
-        n = torch.randint(0, n_steps - 1, (x.shape[0],), device=device)
-        t, t2 = sigmas[n].reshape(-1, 1, 1, 1), sigmas[n + 1].reshape(-1, 1, 1, 1)
-        z = torch.randn_like(x)
-        with torch.no_grad():
-            target_out = target(x + t2 * z, t2.flatten())
-        return distance(training.model(x + t * z, t.flatten()), target_out).mean(), {"N": n_steps, "mu": mu}
+        return ct_loss(training.model, target, x, grid(n_steps), distance), {"N": n_steps, "mu": mu}
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, schedule(step)[1])

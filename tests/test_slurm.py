@@ -1,0 +1,181 @@
+"""Tests against a real single-node SLURM cluster (scripts/slurm_local.sh) and the `slurm/` profile.
+
+Run with:  pytest -q -m slurm tests/test_slurm.py
+The session fixture starts the cluster (installing Debian packages on first use, ~20 s; ~1 s when it
+is already up) and skips when that is impossible (not root, no apt-get, packages cannot be installed).
+If the fixture started the cluster it stops it again at the end unless SLURM_LOCAL_KEEP=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+PROFILE = REPO / "slurm"
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+# The plugin polls job status first `init` s after submission, then waits 10 s longer after every poll
+# that finds nothing finished (init, 2*init+10, 3*init+30, ...), and resets to `init` once a job
+# finished.  Each job below takes 7-13 s from submission to sacct (the job step starts snakemake; more
+# on a loaded 2-core machine), so init=3 finds it at 16 s; the default (40) costs ~40 s per job and
+# init=1 (polls at 1, 12, 33 s) loses 20 s whenever a job takes just over 11 s.
+FAST_POLLING = ["--slurm-init-seconds-before-status-checks", "3", "--seconds-between-status-checks", "1"]
+
+# Two sequential rules (running them in parallel on a 2-core machine slows each job past the 12 s poll).
+# Rule b also carries explicit resources and records how SLURM sees its own allocation.
+WORKFLOW = textwrap.dedent(
+    """
+    rule all:
+        input: "out/b.txt"
+
+    rule a:
+        output: "out/a.txt"
+        shell: "echo \\"host=$(hostname -s) job=${{SLURM_JOB_ID:-}}\\" > {output}"
+
+    rule b:
+        input: "out/a.txt"
+        output: "out/b.txt", "out/b_scontrol.txt"
+        resources: gpu=0, cpus_per_task=1, mem_mb=200, runtime=5
+        shell:
+            "cat {input} > {output[0]}; echo \\"job=${{SLURM_JOB_ID:-}}\\" >> {output[0]}; "
+            "scontrol show job \\"$SLURM_JOB_ID\\" > {output[1]}"
+    """
+)
+
+
+def _snakemake_cmd() -> list[str]:
+    """snakemake of the interpreter running pytest (the venv with the SLURM plugin)."""
+    return [sys.executable, "-m", "snakemake"]
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start the local SLURM cluster once per session; skip where that cannot work."""
+    if sys.platform != "linux":
+        pytest.skip("local SLURM cluster needs Linux (Debian 12)")
+    if os.geteuid() != 0:
+        pytest.skip("local SLURM cluster needs root (installs packages, starts system daemons)")
+    if not shutil.which("sinfo") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is unavailable to install it")
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm missing")
+
+    was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True).returncode == 0
+    try:
+        proc = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=1200)
+    except subprocess.TimeoutExpired:
+        pytest.fail("scripts/slurm_local.sh up did not finish within 20 min")
+    if proc.returncode == 2:
+        pytest.skip(f"local SLURM cluster unavailable: {proc.stderr.strip()}")
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/slurm_local.sh up failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    yield
+    if not was_up and not os.environ.get("SLURM_LOCAL_KEEP"):
+        subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, timeout=300)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SNAKEMAKE_"))}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def workflow_run(slurm_cluster, tmp_path_factory):
+    """Run the tiny workflow once through sbatch; the tests below inspect the result."""
+    wd = tmp_path_factory.mktemp("slurm_wf")
+    (wd / "Snakefile").write_text(WORKFLOW)
+    cmd = [*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", "-j", "2", *FAST_POLLING]
+    # SBATCH_PARTITION exercises the profile's env-var templating (-> default resource slurm_partition)
+    proc = subprocess.run(
+        cmd, cwd=wd, capture_output=True, text=True, timeout=600, env=_env(SBATCH_PARTITION="debug")
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"snakemake failed (rc={proc.returncode}):\n{_tail(log)}"
+    return wd, log
+
+
+def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    fields = "JobID,JobName,Partition,State,Timelimit,ReqMem,ReqCPUS,AllocTRES"
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), f"--format={fields}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = fields.split(",")
+    rows = [dict(zip(names, line.split("|"))) for line in out.splitlines() if line.strip()]
+    return {r["JobID"]: r for r in rows}
+
+
+def test_real_submission(workflow_run):
+    wd, log = workflow_run
+    a = (wd / "out" / "a.txt").read_text()
+    b = (wd / "out" / "b.txt").read_text()
+    assert a in b
+    m = re.search(r"host=(\S+) job=(\S*)", a)
+    assert m, a
+    host, job_a = m.groups()
+    assert job_a, f"rule a did not run under sbatch (empty SLURM_JOB_ID): {a!r}"
+    assert host == subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    job_b = re.search(r"^job=(\S*)$", b, re.M).group(1)
+    assert job_b and job_b != job_a
+
+    submitted = re.findall(r"submitted with SLURM jobid (\d+)", log)
+    assert {job_a, job_b} <= set(submitted), log
+    acct = _sacct([job_a, job_b])
+    for jid in (job_a, job_b):
+        assert jid in acct, f"sacct does not list job {jid}: {acct}"
+        assert acct[jid]["State"] == "COMPLETED", acct[jid]
+        assert acct[jid]["Partition"] == "debug", acct[jid]
+    # rule a has no resources of its own: the profile's default-resources apply (60 min, 4000 MB)
+    assert acct[job_a]["Timelimit"] == "01:00:00", acct[job_a]
+    assert acct[job_a]["ReqMem"].startswith("4000M"), acct[job_a]
+
+
+def test_rule_resources_become_sbatch_options(workflow_run):
+    wd, log = workflow_run
+    show = (wd / "out" / "b_scontrol.txt").read_text()
+    fields = dict(re.findall(r"(\S+?)=(\S*)", show))
+    job_id = fields["JobId"]
+    assert fields["TimeLimit"] == "00:05:00", show  # runtime=5 -> -t 5
+    assert fields["MinMemoryNode"] == "200M", show  # mem_mb=200 -> --mem 200
+    assert fields["NumCPUs"] == "1" and fields["CPUs/Task"] == "1", show  # cpus_per_task=1
+    assert fields["Partition"] == "debug", show
+    assert "gpu" not in fields["TRES"], show  # gpu=0 -> no --gpus
+    acct = _sacct([job_id])[job_id]
+    assert acct["Timelimit"] == "00:05:00" and acct["ReqMem"].startswith("200M"), acct
+    assert acct["ReqCPUS"] == "1" and acct["State"] == "COMPLETED", acct
+
+
+def test_pipeline_dryrun_with_profile():
+    """`snakemake -n --profile slurm` from the repo root resolves ./slurm and plans the pipeline."""
+    if not (REPO / "Snakefile").exists():
+        pytest.skip("no Snakefile at the repository root yet")
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm missing")
+    # --forceall: list every job even where results already exist (otherwise "Nothing to be done")
+    proc = subprocess.run(
+        [*_snakemake_cmd(), "-n", "--forceall", "--profile", "slurm", "results/tables/table1.csv"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, _tail(out)
+    assert "Job stats:" in out and re.search(r"^total\s+\d+", out, re.M), _tail(out)
+    assert "This was a dry-run" in out, _tail(out)
