@@ -7,12 +7,13 @@
 from snakemake.exceptions import WorkflowError
 
 from pipeline import tracking
-from pipeline.config import ConfigError, load
+from pipeline.config import ConfigError, check_data_source, load
 from pipeline.lpips import LpipsWeightsMissing, preflight
 from pipeline.stages import TABLES, stages
 
 try:
     CFG = load("params.yaml")
+    check_data_source(CFG)
     preflight(CFG)
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None

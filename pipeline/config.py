@@ -221,6 +221,36 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Edit:
+    model: Literal["cd", "ct"]  # the consistency model the `edit` stage uses (its figures carry no model name)
+    num_images: int  # held-out test images edited per task (the first n of test.npz); also the FID sample
+    batch: int
+    seed: int
+    steps: int  # Algorithm 4 runs over the Karras grid of this many times (sigma_max .. sigma_min)
+    inpaint_mask: Literal["center", "left_half", "random_pixels"]
+    sr_factor: int  # super-resolution: p x p patches; the known low-resolution image is 32/p x 32/p
+    sdedit_times: list[float]  # stroke-guided generation (SDEdit): descending times
+    denoise_sigma: float  # noise level added to the test images, in the [-1, 1] units of the model
+    interp_pairs: int  # interpolation: pairs of latents (rows of the figure)
+    interp_frames: int  # interpolation: points from z1 to z2 inclusive (columns)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [("num_images", "must be >= 2 (FID needs two images)")] if self.num_images < 2 else []
+        out += [(k, "must be > 0") for k in ("batch", "interp_pairs", "denoise_sigma") if getattr(self, k) <= 0]
+        if self.steps < 2:
+            out.append(("steps", f"must be >= 2 (the grid's last time, sigma_min, is skipped), got {self.steps}"))
+        if self.sr_factor < 2 or 32 % self.sr_factor:
+            out.append(("sr_factor", f"must be a divisor >= 2 of the resolution 32, got {self.sr_factor}"))
+        if not self.sdedit_times or min(self.sdedit_times) <= 0:
+            out.append(("sdedit_times", f"must be a non-empty list of times > 0, got {self.sdedit_times}"))
+        elif any(b >= a for a, b in zip(self.sdedit_times, self.sdedit_times[1:])):
+            out.append(("sdedit_times", f"times must be strictly descending, got {self.sdedit_times}"))
+        if self.interp_frames < 2:
+            out.append(("interp_frames", f"must be >= 2 (z1 and z2), got {self.interp_frames}"))
+        return out
+
+
+@dataclass(frozen=True)
 class Resources:
     gpu: int
     cpus: int
@@ -245,6 +275,7 @@ class Config:
     lpips: Lpips
     sample: Sample
     evaluate: Evaluate
+    edit: Edit
     resources: dict[str, Resources] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved plain dict
 
@@ -421,6 +452,14 @@ def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, ove
     if os.environ.get(ENV_SOURCE):
         resolved.setdefault("data", {})["source"] = os.environ[ENV_SOURCE]
     return validate(resolved, str(path))
+
+
+def check_data_source(cfg: Config) -> None:
+    """A local data source must exist; checked before any job starts (the download is checked when it runs)."""
+    source = cfg.data.source
+    if source != "torchvision" and not Path(source).expanduser().exists():
+        raise ConfigError(f"data.source: {source} does not exist (give 'torchvision', a .tar.gz, or a folder of "
+                          f"<split>/<class>/ images; the environment variable {ENV_SOURCE} overrides data.source)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.config import Config, add_arguments, from_args
+from pipeline.config import Config, ConfigError, add_arguments, check_data_source, from_args
 from pipeline.data import save_split, write_json
 from pipeline.stages import DATA
 
@@ -137,6 +137,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     cfg = from_args(parser.parse_args())
+    try:
+        check_data_source(cfg)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     with tracking.stage_run("prepare_data", cfg):
         try:
             manifest = prepare(cfg)

@@ -1,0 +1,132 @@
+"""params.yaml validation: every preset loads; bad input stops with one line naming the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, check_data_source, load, parse_override, resolve, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("preset", sorted(PARAMS["presets"]))
+def test_every_preset_validates(preset):
+    cfg = load(ROOT / "params.yaml", preset)
+    assert cfg.preset == preset
+
+
+def test_paper_preset_is_table_3():
+    cfg = load(ROOT / "params.yaml", "paper_cifar10")
+    assert (cfg.cd.lr, cfg.cd.batch, cfg.cd.mu, cfg.cd.N, cfg.cd.solver, cfg.cd.ema) == (4e-4, 512, 0.0, 18, "heun", 0.9999)
+    assert (cfg.ct.lr, cfg.ct.batch, cfg.ct.mu0, cfg.ct.s0, cfg.ct.s1) == (4e-4, 512, 0.9, 2, 150)
+    assert cfg.cd.iterations == cfg.ct.iterations == 800_000
+    assert cfg.cd.optimizer == cfg.ct.optimizer == "radam" and cfg.cd.dropout == cfg.ct.dropout == 0
+    assert cfg.cd.metric == cfg.ct.metric == "lpips" and cfg.data.hflip
+    assert (cfg.teacher.p_mean, cfg.teacher.p_std, cfg.teacher.lr, cfg.teacher.dropout) == (-1.2, 1.2, 1e-3, 0.13)
+    assert (cfg.diffusion.sigma_min, cfg.diffusion.sigma_max, cfg.diffusion.rho) == (0.002, 80.0, 7.0)
+    assert cfg.sample.num_samples == 50_000 and cfg.sample.teacher_steps == 18
+    assert cfg.network.arch == "ncsnpp" and cfg.network.model_channels == 128 and cfg.network.num_blocks == 4
+
+
+def _error(overrides: dict, preset: str = "tiny") -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(resolve(PARAMS, preset, overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"ct": {"lrr": 1}}, "ct.lrr: unknown key (did you mean 'lr'?)"),
+    ({"cdd": {}}, "cdd: unknown key (did you mean 'cd'?)"),
+    ({"teacher": {"lr": "fast"}}, "teacher.lr: expected a number, got 'fast'"),
+    ({"teacher": {"batch": 2.5}}, "teacher.batch: expected an integer, got 2.5"),
+    ({"data": {"hflip": "yes"}}, "data.hflip: expected true or false"),
+    ({"cd": {"solver": "rk4"}}, "cd.solver: must be one of euler, heun; got 'rk4'"),
+    ({"diffusion": {"sigma_min": -0.002}}, "diffusion.sigma_min: must be > 0"),
+    ({"diffusion": {"sigma_max": 0.001}}, "diffusion.sigma_max: must be > sigma_min"),
+    ({"cd": {"N": 1}}, "cd.N: must be >= 2, got 1"),
+    ({"ct": {"s0": 1}}, "ct.s0: must be >= 2"),
+    ({"ct": {"s1": 1}}, "ct.s1: must be >= s0"),
+    ({"cd": {"mu": 1.0}}, "cd.mu: must be in [0, 1)"),
+    ({"sample": {"cd_schedules": [[80.0, 90.0]]}}, "sample.cd_schedules: times must be strictly descending"),
+    ({"sample": {"ct_schedules": [[80.0, -1.0]]}}, "sample.ct_schedules: every time must be > 0"),
+    ({"sample": {"cd_schedules": [[100.0]]}}, "sample.cd_schedules: starts at 100.0 > diffusion.sigma_max 80.0"),
+    ({"resources": {"train_ct": {"gpu": -1}}}, "resources.train_ct.gpu: must be >= 0"),
+])
+def test_bad_values_are_named(overrides, expected):
+    assert expected in _error(overrides)
+
+
+def test_unknown_section_inside_a_preset_is_named():
+    params = {**PARAMS, "presets": {**PARAMS["presets"], "tiny": {"sampel": {}}}}
+    with pytest.raises(ConfigError, match=r"presets\.tiny\.sampel: unknown key \(did you mean 'sample'\?\)"):
+        resolve(params)
+
+
+def test_unknown_preset_and_missing_key():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        resolve(PARAMS, "huge")
+    params = resolve(PARAMS, "tiny")
+    del params["cd"]["mu"]
+    with pytest.raises(ConfigError, match=r"cd\.mu: missing"):
+        validate(params)
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    # YAML 1.1 reads 1e-4 as a string; users write it anyway.
+    assert parse_override("ct.lr=1e-4") == {"ct": {"lr": "1e-4"}}
+    assert validate(resolve(PARAMS, "tiny", parse_override("ct.lr=1e-4"))).ct.lr == 1e-4
+
+
+def test_missing_data_source_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_SOURCE", str(tmp_path / "nowhere.tar.gz"))
+    cfg = load(ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match=r"data.source: .*nowhere.tar.gz does not exist"):
+        check_data_source(cfg)
+
+
+def _run(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(env_extra or {})}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["train_ct", "distill_cd", "prepare_data", "sample --model cd", "tables"])
+def test_stage_cli_stops_with_one_line_before_any_work(tmp_path, module):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = _run([sys.executable, "-m", f"pipeline.{module.split()[0]}", *module.split()[1:], "--set", "ct.lrr=1"],
+                  tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: params.yaml: ct.lrr: unknown key (did you mean 'lr'?)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was started
+
+
+def test_missing_source_stops_prepare_data_with_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = _run([sys.executable, "-m", "pipeline.prepare_data"], tmp_path, {"CIFAR10_SOURCE": "/no/such/cifar"})
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error: data.source: /no/such/cifar does not exist")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda p: p["cd"].update(N=1), "cd.N: must be >= 2"),
+    (lambda p: p["presets"]["tiny"]["ct"].update(lrr=1), "ct.lrr: unknown key"),
+    (lambda p: p["diffusion"].update(sigma_max="big"), "diffusion.sigma_max: expected a number"),
+])
+def test_snakemake_names_the_problem_before_any_job(tmp_path, edit, expected):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = _run([sys.executable, "-m", "snakemake", "--cores", "1", "-s", str(ROOT / "Snakefile")], tmp_path,
+                  {"CIFAR10_SOURCE": str(tmp_path)})
+    assert result.returncode != 0
+    assert expected in result.stderr + result.stdout
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
