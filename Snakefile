@@ -36,6 +36,7 @@ for stage in stages(CFG):
             stage.outs,
         params:
             values=stage.param_values(CFG),  # a change of any tracked knob re-runs the rule
+            cmd=stage.cmd,  # bound now: `shell:` is evaluated when the job runs, after the loop ended
         threads: request.cpus
         resources:
             mem_mb=request.mem_mb,
@@ -43,7 +44,7 @@ for stage in stages(CFG):
             cpus_per_task=request.cpus,
             **({"gpu": request.gpu} if request.gpu else {}),
         shell:
-            stage.cmd
+            "{params.cmd}"
 
 
 onstart:

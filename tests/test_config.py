@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ def test_every_preset_validates(preset):
 
 def test_paper_preset_is_table_3():
     cfg = load(ROOT / "params.yaml", "paper_cifar10")
-    assert (cfg.cd.lr, cfg.cd.batch, cfg.cd.mu, cfg.cd.N, cfg.cd.solver, cfg.cd.ema) == (4e-4, 512, 0.0, 18, "heun", 0.9999)
+    cd = cfg.cd
+    assert (cd.lr, cd.batch, cd.mu, cd.N, cd.solver, cd.ema) == (4e-4, 512, 0.0, 18, "heun", 0.9999)
     assert (cfg.ct.lr, cfg.ct.batch, cfg.ct.mu0, cfg.ct.s0, cfg.ct.s1) == (4e-4, 512, 0.9, 2, 150)
     assert cfg.cd.iterations == cfg.ct.iterations == 800_000
     assert cfg.cd.optimizer == cfg.ct.optimizer == "radam" and cfg.cd.dropout == cfg.ct.dropout == 0
@@ -93,9 +95,8 @@ def test_missing_data_source_is_named(tmp_path, monkeypatch):
 
 
 def _run(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(env_extra or {})}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db",
+           **(env_extra or {})}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,0 +1,163 @@
+"""The whole DAG at micro size, in a temporary directory: Snakemake, DVC and MLflow for real."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import load
+from pipeline.prepare_data import CLASSES, read_class_folders
+from pipeline.stages import dvc_yaml, stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_class_folders(root: Path, per_class: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random 32x32 PNGs in <split>/<class>/; returns the images in (class, name) order per split."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, count in per_class.items():
+        images = []
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(image).save(root / split / cls / f"{i:04d}.png")
+                images.append(image)
+        out[split] = np.stack(images)
+    return out
+
+
+def test_class_folders_and_tarball_round_trip(tmp_path):
+    originals = make_class_folders(tmp_path / "cifar", {"train": 3, "test": 2})
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar", arcname="CIFAR-10-images")
+    for source in (tmp_path / "cifar", archive):
+        splits = read_class_folders(source)
+        for split in ("train", "test"):
+            images, labels = splits[split]
+            np.testing.assert_array_equal(images, originals[split])  # PNG is lossless
+            assert labels.tolist() == [c for c in range(10) for _ in range({"train": 3, "test": 2}[split])]
+
+
+def test_unknown_class_folder_is_named(tmp_path):
+    make_class_folders(tmp_path, {"train": 1, "test": 1})
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buffer, format="PNG")
+    (tmp_path / "train" / "unicorn").mkdir()
+    (tmp_path / "train" / "unicorn" / "0.png").write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match="unknown class folder 'unicorn'"):
+        read_class_folders(tmp_path)
+
+
+def test_committed_dvc_yaml_is_generated_from_the_stages():
+    cfg = load(ROOT / "params.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(cfg, params), "regenerate it: make dvc.yaml"
+
+
+def test_snakefile_rules_are_the_stages():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--list-rules"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "CIFAR10_SOURCE": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rules = set(result.stdout.split())
+    assert rules == {s.name for s in stages(load(ROOT / "params.yaml"))} | {"all"}
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def workspace(tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the pipeline with the micro preset, a synthetic CIFAR-10 and a private MLflow store."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copytree(ROOT / "pipeline", ws / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "Snakefile", ws)
+    text = (ROOT / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(re.sub(r"(?m)^preset: \w+", "preset: micro", text))
+    make_class_folders(tmp_path / "cifar", {"train": 3, "test": 1})
+    env = {**os.environ, "CIFAR10_SOURCE": str(tmp_path / "cifar"), "PYTHONPATH": str(ws),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/mlflow.db",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return ws, env
+
+
+def run(args: list[str], ws: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def dry_run_jobs(ws: Path, env: dict) -> set[str]:
+    out = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], ws, env)
+    text = out.stdout + out.stderr
+    if "Nothing to be done" in text:
+        return set()
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip()} - {"all"}
+
+
+def check_table(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path)
+    assert list(zip(table.method, table.nfe)) == [("EDM teacher", 5), ("CD", 1), ("CD", 2), ("CT", 1), ("CT", 2)]
+    assert all(math.isfinite(v) and v > 0 for v in table.fid)
+    assert table.paper_fid.tolist()[1:] == [3.55, 2.93, 8.70, 5.83]
+    assert table.mlflow_run_id.str.fullmatch(r"[0-9a-f]{32}").all()
+    assert table["is"].isna().all() and table.is_note.str.contains("IS unavailable").all()  # offline weights
+    return table
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp_path):
+    ws, env = workspace(tmp_path)
+    run([sys.executable, "-m", "snakemake", "--cores", "2"], ws, env)
+    table = check_table(ws / "results/tables/table1.csv")
+    assert (ws / "results/tables/table1.md").read_text().startswith("| method | nfe | fid |")
+    for figure in ["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct"]:
+        assert (ws / f"results/figures/{figure}.png").stat().st_size > 1000
+
+    assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
+
+    params = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(params.replace("ct: {iterations: 3, batch: 4,", "ct: {iterations: 3, batch: 5,"))
+    assert dry_run_jobs(ws, env) == {"train_ct", "sample_ct", "evaluate_ct", "tables"}
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["consistency-models"])
+    assert sorted(runs["tags.stage"]) == sorted(s.name for s in stages(load(ws / "params.yaml", "micro")))
+    assert (runs["status"] == "FINISHED").all() and (runs["tags.preset"] == "micro").all()
+    assert (runs["params.ct.s1"] == "10").all() and (runs["params.cd.solver"] == "heun").all()
+    by_stage = runs.set_index("tags.stage")
+    assert by_stage.loc["evaluate_cd", "metrics.fid_nfe2"] == pytest.approx(table.fid[2], abs=1e-3)
+    assert by_stage.loc["train_ct", "metrics.loss"] > 0 and by_stage.loc["train_ct", "metrics.N"] >= 2
+    assert set(table.mlflow_run_id) <= set(runs.run_id)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_same_dag(tmp_path):
+    ws, env = workspace(tmp_path)
+    run([sys.executable, "-m", "pipeline.stages", "--dvc"], ws, env)
+    run(["dvc", "init", "--no-scm", "-q"], ws, env)
+    out = run(["dvc", "repro"], ws, env)
+    for stage in stages(load(ws / "params.yaml", "micro")):
+        assert f"Running stage '{stage.name}'" in out.stdout
+    check_table(ws / "results/tables/table1.csv")
+    again = run(["dvc", "repro"], ws, env)
+    assert "Running stage" not in again.stdout
+    assert "up to date" in run(["dvc", "status"], ws, env).stdout
