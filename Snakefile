@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from pipeline import tracking
 from pipeline.config import ConfigError, check_data_source, load
 from pipeline.lpips import LpipsWeightsMissing, preflight
-from pipeline.stages import TABLES, stages
+from pipeline.stages import stages, targets
 
 try:
     CFG = load("params.yaml")
@@ -21,7 +21,7 @@ except (ConfigError, LpipsWeightsMissing) as e:
 
 rule all:
     input:
-        TABLES,
+        targets(CFG),
 
 
 for stage in stages(CFG):

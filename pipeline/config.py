@@ -223,7 +223,7 @@ class Evaluate:
 @dataclass(frozen=True)
 class Edit:
     model: Literal["cd", "ct"]  # the consistency model the `edit` stage uses (its figures carry no model name)
-    num_images: int  # held-out test images edited per task (the first n of test.npz); also the FID sample
+    num_images: int  # held-out test images edited per task (a random n of test.npz); also the FID sample
     batch: int
     seed: int
     steps: int  # Algorithm 4 runs over the Karras grid of this many times (sigma_max .. sigma_min)

@@ -54,6 +54,11 @@ def metrics(model: str) -> str:
 
 
 TABLES = ["results/tables/table1.csv", "results/tables/table1.md"]
+EDIT_TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
+
+
+def edit_outputs(model: str) -> list[str]:
+    return [f"results/figures/editing_{task}.png" for task in EDIT_TASKS] + [f"results/metrics/editing_{model}.json"]
 
 
 def stages(cfg: Config) -> list[Stage]:
@@ -97,7 +102,18 @@ def stages(cfg: Config) -> list[Stage]:
     out.append(Stage("tables", "python -m pipeline.tables",
                      [metrics(m) for m in MODELS] + ["pipeline/tables.py"],
                      TABLES, [], "tables"))
+    edited = cfg.edit.model
+    out.append(Stage(f"edit_{edited}", "python -m pipeline.edit",
+                     [checkpoint(edited), f"{DATA}/test.npz", f"{DATA}/fid_ref.npz", "pipeline/edit.py",
+                      "pipeline/editing.py", "pipeline/metrics.py", "pipeline/data.py"] + CORE,
+                     edit_outputs(edited),
+                     ["diffusion", "edit", "evaluate.mode", "evaluate.inception"], "sample"))
     return out
+
+
+def targets(cfg: Config) -> list[str]:
+    """What `snakemake` with no target builds: the table and the editing figures."""
+    return TABLES + edit_outputs(cfg.edit.model)
 
 
 def dvc_yaml(cfg: Config, params_file: dict) -> str:

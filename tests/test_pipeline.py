@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline.config import load
 from pipeline.prepare_data import CLASSES, read_class_folders
-from pipeline.stages import dvc_yaml, stages
+from pipeline.stages import EDIT_TASKS, dvc_yaml, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,8 @@ def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp
     run([sys.executable, "-m", "snakemake", "--cores", "2"], ws, env)
     table = check_table(ws / "results/tables/table1.csv")
     assert (ws / "results/tables/table1.md").read_text().startswith("| method | nfe | fid |")
-    for figure in ["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct"]:
+    editing = [f"editing_{task}" for task in EDIT_TASKS]
+    for figure in ["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct"] + editing:
         assert (ws / f"results/figures/{figure}.png").stat().st_size > 1000
 
     assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
