@@ -1,0 +1,74 @@
+"""Preemption: a training job killed by SIGTERM resumes where it stopped and ends where an
+uninterrupted job ends (same weights, same MLflow run)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import run, workspace
+
+ITERATIONS = 40
+SETTINGS = ["--set", f"teacher.iterations={ITERATIONS}", "--set", "teacher.checkpoint_every=1000",
+            "--set", "teacher.log_every=5", "--set", "run.threads=1"]
+
+
+def _train(ws, env) -> dict:
+    run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS], ws, env)
+    return torch.load(ws / "checkpoints/teacher.pt", weights_only=False)
+
+
+def _interrupt_after(ws, env, step: int) -> int:
+    """Start training, send SIGTERM once the progress bar passes `step`; return the exit code."""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS], cwd=ws, env=env,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        done = [int(n) for n in re.findall(rf"(\d+)/{ITERATIONS}", "".join(seen))]
+        if done and max(done) >= step:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    code = process.wait(timeout=120)
+    reader.join(timeout=5)
+    assert "interrupted at step" in "".join(seen), "".join(seen)[-2000:]
+    return code
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resume_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path):
+    ws, env = workspace(tmp_path)
+    run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
+    reference = _train(ws, env)
+    (ws / "checkpoints/teacher.pt").unlink()
+
+    assert _interrupt_after(ws, env, step=10) == 128 + signal.SIGTERM
+    resume = torch.load(ws / "checkpoints/teacher.resume.pt", weights_only=False)
+    assert 10 <= resume["step"] < ITERATIONS and not (ws / "checkpoints/teacher.pt").exists()
+
+    resumed = _train(ws, env)
+    assert not (ws / "checkpoints/teacher.resume.pt").exists()
+    assert resumed["step"] == reference["step"] == ITERATIONS
+    assert resumed["mlflow_run_id"] == resume["mlflow_run_id"]  # the same MLflow run continues
+    for key in ("model", "ema"):
+        for name, tensor in reference[key].items():
+            torch.testing.assert_close(resumed[key][name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+
+
+@pytest.mark.slow
+def test_a_resume_checkpoint_from_other_params_is_not_used(tmp_path):
+    ws, env = workspace(tmp_path)
+    run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
+    _interrupt_after(ws, env, step=5)
+    out = run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS, "--set", "teacher.lr=5e-4"], ws, env)
+    assert "params changed since it was written; starting afresh" in out.stderr
+    assert torch.load(ws / "checkpoints/teacher.pt", weights_only=False)["step"] == ITERATIONS
