@@ -209,6 +209,8 @@ class Sample:
 @dataclass(frozen=True)
 class Evaluate:
     ref_images: int | None  # training images in the FID reference statistics (None = all)
+    pr_ref_images: int | None  # of those, how many keep their features for KID and precision/recall (None = all)
+    pr_k: int  # precision/recall: the k of the k-NN manifolds (Kynkaanniemi et al. 2019; ADM uses 3)
     mode: Literal["clean", "legacy_tensorflow", "legacy_pytorch"]
     inception: str  # 'auto', 'clean-fid', 'fid-helper' or a path (env INCEPTION_WEIGHTS overrides auto)
     batch: int
@@ -217,6 +219,10 @@ class Evaluate:
         out = [("batch", "must be > 0")] if self.batch <= 0 else []
         if self.ref_images is not None and self.ref_images < 2:
             out.append(("ref_images", "must be >= 2 or null"))
+        if self.pr_ref_images is not None and self.pr_ref_images < 2:
+            out.append(("pr_ref_images", "must be >= 2 or null"))
+        if self.pr_k < 1:
+            out.append(("pr_k", "must be >= 1"))
         return out
 
 

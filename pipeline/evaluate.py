@@ -1,8 +1,10 @@
-"""Stage evaluate: FID (and IS where the Inception weights have logits) of one model's samples.
+"""Stage evaluate: FID, KID, IS (where the Inception weights have logits) and precision/recall of one
+model's samples, all from one Inception pass per NFE.
 
     python -m pipeline.evaluate --model cd [--config params.yaml]
 
-FID against the training-set statistics of reference_stats, with the same Inception weights and
+FID against the training-set statistics of reference_stats; KID and precision/recall (k-NN manifolds,
+k = evaluate.pr_k, as the ADM evaluator) against its reference features; same Inception weights and
 clean-fid mode. Writes results/metrics/<model>.json, one entry per NFE.
 """
 
@@ -17,16 +19,48 @@ from pipeline import tracking
 from pipeline.config import add_arguments, from_args
 from pipeline.data import write_json
 from pipeline.metrics import (
+    FeatureSet,
     InceptionFeatures,
     feature_statistics,
     frechet_distance,
     inception_score,
+    kernel_inception_distance,
     load_reference_stats,
+    precision_recall,
 )
-from pipeline.stages import DATA, MODELS, metrics, samples
+from pipeline.stages import MODELS, REF_FEATURES, REF_STATS, metrics, samples
 from pipeline.training import setup_torch
 
 NO_LOGITS = "IS unavailable: {} Inception weights have no classifier layer"
+TOO_FEW_FOR_PR = "precision/recall unavailable: k={} needs more than k samples and reference images (got {} and {})"
+LOGGED = ("fid", "kid", "is", "precision", "recall")  # MLflow metrics <name>_nfe<nfe>
+
+
+def score(features: FeatureSet, reference_stats: dict, reference_features: np.ndarray, pr_k: int,
+          weights_name: str = "these") -> dict:
+    """Every metric of one sample set from its Inception features; None plus a note where one cannot be had.
+
+    reference_stats: {'mu', 'sigma'} of the training set; reference_features: pool features (N, 2048) of a
+    subset of it; weights_name: the Inception weights, named in the note when they have no logits.
+    """
+    n, n_ref = len(features), len(reference_features)
+    row = {"fid": frechet_distance(*feature_statistics(features.pool), reference_stats["mu"], reference_stats["sigma"]),
+           "kid": kernel_inception_distance(features.pool, reference_features),
+           "is": None, "is_std": None, "precision": None, "recall": None, "is_note": "", "pr_note": ""}
+    if features.probs is not None:
+        row["is"], row["is_std"] = inception_score(features.probs, splits=min(10, n))
+    else:
+        row["is_note"] = NO_LOGITS.format(weights_name)
+    if min(n, n_ref) > pr_k:
+        row["precision"], row["recall"] = precision_recall(reference_features, features.pool, k=pr_k)
+    else:
+        row["pr_note"] = TOO_FEW_FOR_PR.format(pr_k, n, n_ref)
+    return row
+
+
+def _summary(model: str, nfe: int, row: dict) -> str:
+    pr = "" if row["precision"] is None else f", precision {row['precision']:.3f}, recall {row['recall']:.3f}"
+    return f"{model} NFE {nfe}: FID {row['fid']:.2f}, KID {row['kid']:.4f}{pr} on {row['num_samples']} samples"
 
 
 def main() -> None:
@@ -37,9 +71,12 @@ def main() -> None:
     cfg = from_args(args)
     device = setup_torch(cfg)
     e = cfg.evaluate
-    reference = load_reference_stats(f"{DATA}/fid_ref.npz")
+    reference = load_reference_stats(REF_STATS)
     if reference["mode"] != e.mode:
-        sys.exit(f"error: {DATA}/fid_ref.npz was computed in mode {reference['mode']!r}, evaluate.mode is {e.mode!r}")
+        sys.exit(f"error: {REF_STATS} was computed in mode {reference['mode']!r}, evaluate.mode is {e.mode!r}")
+    reference_features = np.load(REF_FEATURES)
+    if len(reference_features) != reference.get("feature_count", len(reference_features)):
+        sys.exit(f"error: {REF_FEATURES} does not belong to {REF_STATS}: run reference_stats again")
     with np.load(samples(args.model)) as f:
         sets = {int(k[3:]): f[k] for k in f.files}
     with tracking.stage_run(f"evaluate_{args.model}", cfg, tags={"model": args.model}) as run:
@@ -49,19 +86,15 @@ def main() -> None:
             sys.exit(f"error: evaluate.inception: {err}")
         rows = []
         for nfe, images in sorted(sets.items()):
-            features = inception(images)
-            fid = frechet_distance(*feature_statistics(features.pool), reference["mu"], reference["sigma"])
-            row = {"nfe": nfe, "fid": fid, "num_samples": len(images), "is": None, "is_std": None, "is_note": ""}
-            if features.probs is not None:
-                row["is"], row["is_std"] = inception_score(features.probs, splits=min(10, len(images)))
-            else:
-                row["is_note"] = NO_LOGITS.format(inception.source.split()[0])
+            row = {"nfe": nfe, "num_samples": len(images)}
+            row |= score(inception(images), reference, reference_features, e.pr_k, inception.source.split()[0])
             rows.append(row)
-            tracking.log_metrics({f"fid_nfe{nfe}": fid} | ({f"is_nfe{nfe}": row["is"]} if row["is"] else {}))
-            print(f"{args.model} NFE {nfe}: FID {fid:.2f} on {len(images)} samples", file=sys.stderr)
+            tracking.log_metrics({f"{name}_nfe{nfe}": row[name] for name in LOGGED if row[name] is not None})
+            print(_summary(args.model, nfe, row), file=sys.stderr)
         write_json(metrics(args.model), {
             "model": args.model, "preset": cfg.preset, "rows": rows, "mlflow_run_id": run.info.run_id,
             "inception": inception.source, "mode": e.mode, "ref_images": reference["count"],
+            "pr_ref_images": len(reference_features), "pr_k": e.pr_k,
             "training": _training_summary(cfg, args.model),
         })
 

@@ -1,9 +1,11 @@
-"""Stage reference_stats: Inception statistics (mu, sigma) of the training set, the reference of FID.
+"""Stage reference_stats: Inception statistics (mu, sigma) of the training set, the reference of FID,
+and the pool features of a subset of it, the reference of KID and precision/recall.
 
     python -m pipeline.reference_stats [--config params.yaml]
 
 As the paper, FID compares samples with the training set. evaluate.ref_images limits the number of
-training images used (CPU runs); null uses all of them.
+training images used (CPU runs); null uses all of them. The first evaluate.pr_ref_images of those keep
+their features (float32, as the ADM evaluator's reference batch of 10,000), from the same Inception pass.
 """
 
 from __future__ import annotations
@@ -11,12 +13,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from pipeline import tracking
 from pipeline.config import add_arguments, from_args
-from pipeline.data import load_split
+from pipeline.data import atomic_write, load_split
 from pipeline.metrics import InceptionFeatures, feature_statistics, save_reference_stats
-from pipeline.stages import DATA
+from pipeline.stages import DATA, REF_FEATURES, REF_STATS
 from pipeline.training import setup_torch
+
+
+def feature_count(pr_ref_images: int | None, available: int) -> int:
+    """How many reference features to keep: pr_ref_images, clamped to the images in the statistics."""
+    if pr_ref_images is None:
+        return available
+    if pr_ref_images > available:
+        print(f"evaluate.pr_ref_images={pr_ref_images} > the {available} reference images: keeping {available}",
+              file=sys.stderr)
+    return min(pr_ref_images, available)
+
+
+def save_features(path: str, pool: np.ndarray) -> None:
+    """Pool features as a float32 .npy, written atomically (half the size; k-NN and KID need no more)."""
+    with atomic_write(path) as tmp:
+        np.save(tmp, np.asarray(pool, np.float32))
 
 
 def main() -> None:
@@ -27,6 +47,7 @@ def main() -> None:
     e = cfg.evaluate
     images, _ = load_split(f"{DATA}/train.npz")
     images = images[: e.ref_images] if e.ref_images else images
+    kept = feature_count(e.pr_ref_images, len(images))
     with tracking.stage_run("reference_stats", cfg):
         try:
             inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
@@ -34,10 +55,12 @@ def main() -> None:
             sys.exit(f"error: evaluate.inception: {err}")
         features = inception(images)
         mu, sigma = feature_statistics(features.pool)
-        save_reference_stats(f"{DATA}/fid_ref.npz", mu, sigma, count=len(images), mode=e.mode,
-                             inception=inception.source)
-        tracking.log_metrics({"ref_images": len(images)})
-    print(f"wrote {DATA}/fid_ref.npz from {len(images)} training images ({inception.source})", file=sys.stderr)
+        save_reference_stats(REF_STATS, mu, sigma, count=len(images), mode=e.mode, inception=inception.source,
+                             feature_count=kept)
+        save_features(REF_FEATURES, features.pool[:kept])
+        tracking.log_metrics({"ref_images": len(images), "pr_ref_images": kept})
+    print(f"wrote {REF_STATS} from {len(images)} training images and {REF_FEATURES} from the first {kept} "
+          f"({inception.source})", file=sys.stderr)
 
 
 if __name__ == "__main__":

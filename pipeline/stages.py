@@ -17,6 +17,8 @@ import yaml
 from pipeline.config import Config, ConfigError, add_arguments, from_args
 
 DATA = "data/cifar10"
+REF_STATS = f"{DATA}/fid_ref.npz"  # Inception mu, sigma of the training set (FID)
+REF_FEATURES = f"{DATA}/ref_features.npy"  # pool features of a subset of it (KID, precision/recall)
 MODELS = ("teacher", "cd", "ct")
 TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct"}
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]
@@ -70,8 +72,8 @@ def stages(cfg: Config) -> list[Stage]:
               ["data.dataset", "data.source", "data.max_train"], "prepare_data"),
         Stage("reference_stats", "python -m pipeline.reference_stats",
               [f"{DATA}/train.npz", "pipeline/reference_stats.py", "pipeline/metrics.py"],
-              [f"{DATA}/fid_ref.npz"],
-              ["evaluate.ref_images", "evaluate.mode", "evaluate.inception"], "evaluate"),
+              [REF_STATS, REF_FEATURES],
+              ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"], "evaluate"),
         Stage("train_teacher", "python -m pipeline.train_teacher",
               [f"{DATA}/train.npz", "pipeline/train_teacher.py"] + TRAIN_CODE,
               [checkpoint("teacher"), loss_figure("teacher")],
@@ -96,15 +98,15 @@ def stages(cfg: Config) -> list[Stage]:
                           sampler_params[model]], "sample"))
     for model in MODELS:
         out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
-                         [samples(model), f"{DATA}/fid_ref.npz", "pipeline/evaluate.py", "pipeline/metrics.py"],
+                         [samples(model), REF_STATS, REF_FEATURES, "pipeline/evaluate.py", "pipeline/metrics.py"],
                          [metrics(model)],
-                         ["evaluate.mode", "evaluate.inception"], "evaluate"))
+                         ["evaluate.pr_k", "evaluate.mode", "evaluate.inception"], "evaluate"))
     out.append(Stage("tables", "python -m pipeline.tables",
                      [metrics(m) for m in MODELS] + ["pipeline/tables.py"],
                      TABLES, [], "tables"))
     edited = cfg.edit.model
     out.append(Stage(f"edit_{edited}", "python -m pipeline.edit",
-                     [checkpoint(edited), f"{DATA}/test.npz", f"{DATA}/fid_ref.npz", "pipeline/edit.py",
+                     [checkpoint(edited), f"{DATA}/test.npz", REF_STATS, "pipeline/edit.py",
                       "pipeline/editing.py", "pipeline/metrics.py", "pipeline/data.py"] + CORE,
                      edit_outputs(edited),
                      ["diffusion", "edit", "evaluate.mode", "evaluate.inception"], "sample"))

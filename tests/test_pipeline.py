@@ -80,6 +80,7 @@ def check_table(path: Path) -> pd.DataFrame:
     assert table.paper_fid.tolist()[1:] == [3.55, 2.93, 8.70, 5.83]
     assert table.mlflow_run_id.str.fullmatch(r"[0-9a-f]{32}").all()
     assert table["is"].isna().all() and table.is_note.str.contains("IS unavailable").all()  # offline weights
+    assert table.kid.notna().all() and table.precision.between(0, 1).all() and table.recall.between(0, 1).all()
     return table
 
 
@@ -89,6 +90,9 @@ def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp
     run([sys.executable, "-m", "snakemake", "--cores", "2"], ws, env)
     table = check_table(ws / "results/tables/table1.csv")
     assert (ws / "results/tables/table1.md").read_text().startswith("| method | nfe | fid |")
+    reference = np.load(ws / "data/cifar10/fid_ref.npz")
+    features = np.load(ws / "data/cifar10/ref_features.npy")  # the same Inception pass as mu (micro: 16 and 16)
+    assert features.shape == (16, 2048) and np.allclose(features.mean(axis=0), reference["mu"], atol=1e-5)
     editing = [f"editing_{task}" for task in EDIT_TASKS]
     for figure in ["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct"] + editing:
         assert (ws / f"results/figures/{figure}.png").stat().st_size > 1000
@@ -108,6 +112,8 @@ def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp
     assert (runs["params.ct.s1"] == "10").all() and (runs["params.cd.solver"] == "heun").all()
     by_stage = runs.set_index("tags.stage")
     assert by_stage.loc["evaluate_cd", "metrics.fid_nfe2"] == pytest.approx(table.fid[2], abs=1e-3)
+    assert by_stage.loc["evaluate_cd", "metrics.recall_nfe2"] == pytest.approx(table.recall[2], abs=1e-4)
+    assert by_stage.loc["evaluate_cd", "metrics.kid_nfe2"] == pytest.approx(table.kid[2], abs=1e-6)
     assert by_stage.loc["train_ct", "metrics.loss"] > 0 and by_stage.loc["train_ct", "metrics.N"] >= 2
     assert set(table.mlflow_run_id) <= set(runs.run_id)
 
