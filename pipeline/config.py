@@ -475,6 +475,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one knob, e.g. --set ct.lr=1e-4 (repeatable)")
 
 
+def stage_cli(doc: str | None, models: tuple[str, ...] = ()) -> tuple[Config, argparse.Namespace]:
+    """A stage's command line: --config, --preset, --set (and --model when `models` are given); the loaded config."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    if models:
+        parser.add_argument("--model", choices=models, required=True)
+    args = parser.parse_args()
+    return from_args(args), args
+
+
 def from_args(args: argparse.Namespace) -> Config:
     """Load the config named by the CLI arguments; print one line and exit 2 on a problem."""
     try:

@@ -9,13 +9,12 @@ lambda = 1; then theta- <- mu theta- + (1 - mu) theta. The student starts from t
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 
 from pipeline import cm
-from pipeline.config import add_arguments, from_args
+from pipeline.config import stage_cli
 from pipeline.lpips import training_distance
 from pipeline.models import build_model, ema_update, frozen_copy, load_model
 from pipeline.stages import checkpoint
@@ -35,9 +34,7 @@ def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     c, d = cfg.cd, cfg.diffusion
     distance = training_distance(c.metric, cfg.lpips, device)  # fails early if LPIPS weights are missing

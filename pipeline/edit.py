@@ -23,7 +23,6 @@ no ground truth. All numbers and figures are logged to the MLflow run edit_<mode
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch
 
 from pipeline import editing, tracking
 from pipeline.cm import ConsistencyFn
-from pipeline.config import Config, add_arguments, from_args
+from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, load_split, to_model_range, to_uint8, write_json
 from pipeline.metrics import InceptionFeatures, feature_statistics, frechet_distance, load_reference_stats
 from pipeline.models import IMG_RESOLUTION, checkpoint_meta, load_model
@@ -188,9 +187,7 @@ TITLES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     model = cfg.edit.model
     f = load_model(checkpoint(model), device)

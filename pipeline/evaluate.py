@@ -10,13 +10,12 @@ clean-fid mode. Writes results/metrics/<model>.json, one entry per NFE.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
 from pipeline import tracking
-from pipeline.config import add_arguments, from_args
+from pipeline.config import stage_cli
 from pipeline.data import write_json
 from pipeline.metrics import (
     FeatureSet,
@@ -64,11 +63,7 @@ def _summary(model: str, nfe: int, row: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("--model", choices=MODELS, required=True)
-    args = parser.parse_args()
-    cfg = from_args(args)
+    cfg, args = stage_cli(__doc__, MODELS)
     device = setup_torch(cfg)
     e = cfg.evaluate
     reference = load_reference_stats(REF_STATS)

@@ -10,7 +10,6 @@ The manifest records counts per class and the sha256 of each file.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import re
@@ -24,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, add_arguments, check_data_source, from_args
+from pipeline.config import Config, ConfigError, check_data_source, stage_cli
 from pipeline.data import save_split, write_json
 from pipeline.stages import DATA
 
@@ -134,9 +133,7 @@ def prepare(cfg: Config) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     try:
         check_data_source(cfg)
     except ConfigError as e:

@@ -10,13 +10,12 @@ their features (float32, as the ADM evaluator's reference batch of 10,000), from
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
 from pipeline import tracking
-from pipeline.config import add_arguments, from_args
+from pipeline.config import stage_cli
 from pipeline.data import atomic_write, load_split
 from pipeline.metrics import InceptionFeatures, feature_statistics, save_reference_stats
 from pipeline.stages import DATA, REF_FEATURES, REF_STATS
@@ -40,9 +39,7 @@ def save_features(path: str, pool: np.ndarray) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     e = cfg.evaluate
     images, _ = load_split(f"{DATA}/train.npz")

@@ -10,7 +10,6 @@ samples/<model>.npz (keys nfe1, nfe2, ...) and results/figures/samples_<model>.p
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import cm, tracking
-from pipeline.config import Config, add_arguments, from_args
+from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, save_arrays, to_uint8
 from pipeline.models import load_model
 from pipeline.stages import MODELS, checkpoint, samples
@@ -78,11 +77,7 @@ def save_grid(images: dict[int, np.ndarray], count: int, path: Path, title: str)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("--model", choices=MODELS, required=True)
-    args = parser.parse_args()
-    cfg = from_args(args)
+    cfg, args = stage_cli(__doc__, MODELS)
     device = setup_torch(cfg)
     model = load_model(checkpoint(args.model), device)
     with tracking.stage_run(f"sample_{args.model}", cfg, tags={"model": args.model}):

@@ -9,7 +9,6 @@ from the same samples. An empty cell has its reason in is_note or pr_note.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import add_arguments, from_args
+from pipeline.config import stage_cli
 from pipeline.data import write_text
 from pipeline.stages import MODELS, TABLES, metrics
 
@@ -63,9 +62,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     results = [json.loads(Path(metrics(m)).read_text()) for m in MODELS]
     table = build_table(results)
     csv_path, md_path = map(Path, TABLES)

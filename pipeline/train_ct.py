@@ -8,14 +8,13 @@ N(k) and target rate mu(k) follow the adaptive schedule of Appendix C (pipeline.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
 from pipeline import cm
-from pipeline.config import add_arguments, from_args
+from pipeline.config import stage_cli
 from pipeline.lpips import training_distance
 from pipeline.models import build_model, ema_update, frozen_copy, load_model
 from pipeline.stages import checkpoint
@@ -35,9 +34,7 @@ def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Te
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     c, d = cfg.ct, cfg.diffusion
     distance = training_distance(c.metric, cfg.lpips, device)

@@ -8,11 +8,9 @@ Adam with a linear learning-rate warm-up, and an EMA whose half-life ramps up wi
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from pipeline.config import add_arguments, from_args
+from pipeline.config import stage_cli
 from pipeline.models import Denoiser, build_model
 from pipeline.training import Training, setup_torch
 
@@ -34,9 +32,7 @@ def ema_rate(step: int, batch: int, halflife_kimg: float, rampup: float | None) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    cfg = from_args(parser.parse_args())
+    cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     t = cfg.teacher
     model = build_model("teacher", cfg.raw["network"], cfg.raw["diffusion"], dropout=t.dropout)
