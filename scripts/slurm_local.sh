@@ -302,22 +302,20 @@ start_slurm_daemons() {
         pid_alive "$PID_SLURMD" slurmd && stop_pids "slurmd:$PID_SLURMD:slurmd"
         pid_alive "$PID_CTLD" slurmctld && stop_pids "slurmctld:$PID_CTLD:slurmctld"
     fi
-    if pid_alive "$PID_CTLD" slurmctld; then
-        log "slurmctld running"
-    else
-        rm -f "$PID_CTLD"
-        setsid /usr/sbin/slurmctld </dev/null >>"$LOGDIR/slurmctld.out" 2>&1 ||
-            die 1 "slurmctld failed to start; see $SLURM_LOG/slurmctld.log"
-        log "started slurmctld"
-    fi
+    start_daemon slurmctld "$PID_CTLD"
     wait_for 60 slurmctld "$SLURM_LOG/slurmctld.log" scontrol ping
-    if pid_alive "$PID_SLURMD" slurmd; then
-        log "slurmd running"
+    start_daemon slurmd "$PID_SLURMD"
+}
+
+start_daemon() { # NAME PIDFILE: start /usr/sbin/NAME unless the process in PIDFILE is already it
+    local name=$1 pidfile=$2
+    if pid_alive "$pidfile" "$name"; then
+        log "$name running"
     else
-        rm -f "$PID_SLURMD"
-        setsid /usr/sbin/slurmd </dev/null >>"$LOGDIR/slurmd.out" 2>&1 ||
-            die 1 "slurmd failed to start; see $SLURM_LOG/slurmd.log"
-        log "started slurmd"
+        rm -f "$pidfile"
+        setsid "/usr/sbin/$name" </dev/null >>"$LOGDIR/$name.out" 2>&1 ||
+            die 1 "$name failed to start; see $SLURM_LOG/$name.log"
+        log "started $name"
     fi
 }
 
