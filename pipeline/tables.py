@@ -1,10 +1,15 @@
-"""Stage tables: results/tables/table1.csv (and .md), the paper's Table 1 layout for CIFAR-10.
+"""Stage tables: the paper's Table 1 (CIFAR-10) and Table 2 (ImageNet 64, LSUN Bedroom and Cat 256), ours beside
+the paper's.
 
-    python -m pipeline.tables
+    python -m pipeline.tables [--config params.yaml]
 
-One row per (method, NFE), with the paper's FID beside ours (Song et al. 2023, Table 1; the paper's
-CD uses LPIPS, ours uses the metric in params.yaml, named in `training`), and KID, IS and precision/recall
-from the same samples. An empty cell has its reason in is_note or pr_note.
+Reads results/metrics/<dataset>/<model>.json for every dataset that has one (a workspace may hold runs of several
+presets) and writes results/tables/table{1,2}.{csv,md}. Both tables always have every row of the paper: a
+(dataset, model) that was not run here keeps the paper's values, with our cells empty and the preset to run named
+in `notes`. Every empty cell has its reason in is_note, pr_note or notes.
+
+Rounding: FID and IS to 3 decimals, KID to 6, precision and recall to 4; sampling times to 4 significant digits.
+The paper's CD uses LPIPS; ours uses the metric in params.yaml, named in `training`.
 """
 
 from __future__ import annotations
@@ -19,59 +24,216 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.config import stage_cli
 from pipeline.data import write_text
-from pipeline.stages import MODELS, TABLES, metrics
+from pipeline.datasets import DATASETS
 
+METRICS_DIR = "results/metrics"
+TABLES_DIR = "results/tables"
+OUTPUTS = [f"{TABLES_DIR}/table{i}.{ext}" for i in (1, 2) for ext in ("csv", "md")]
+MODELS = ("teacher", "cd", "ct")
+TABLE2_DATASETS = ("imagenet64", "lsun_bedroom", "lsun_cat")
 METHOD = {"teacher": "EDM teacher", "cd": "CD", "ct": "CT"}
-PAPER_FID = {("teacher", 35): 2.04, ("cd", 1): 3.55, ("cd", 2): 2.93, ("ct", 1): 8.70, ("ct", 2): 5.83}
-COLUMNS = ["method", "nfe", "fid", "is", "kid", "precision", "recall", "paper_fid", "num_samples", "training", "preset",
-           "is_note", "pr_note", "mlflow_run_id"]
-NOT_EVALUATED = "not evaluated: results/metrics/{}.json predates KID and precision/recall"
+DATASET_NAME = {"cifar10": "CIFAR-10", "imagenet64": "ImageNet", "lsun_bedroom": "LSUN Bedroom", "lsun_cat": "LSUN Cat"}
+
+# The paper's numbers (Song et al., ICML 2023, arXiv 2303.01469), per (dataset, model): [(nfe, values)].
+# FID: Tables 1 and 2, as in /work/shared/notes/paper-facts.md. Table 1's IS (EDM 9.84 at 35 NFE; CD 9.48, 9.75;
+# CT 8.49, 8.85) and Table 2's precision/recall were checked against two public transcriptions of the paper's tables
+# (found with the search tool's code corpus, index files 56764211201 and 70956430801): a Markdown rendering of the
+# whole paper, with every row of both tables, and a review quoting every Table 1 row used here and Table 2's 1-step
+# and EDM rows. Both agree with each other and with paper-facts.md on every FID, including the LSUN rows that
+# paper-facts.md marks "verify". Not cross-checked: the 2-step precision/recall of Table 2 (CD and CT on all three
+# datasets) appear in the first transcription only. The paper's CD rows are CD (LPIPS); its EDM rows in Table 2 are
+# the teachers (79 NFE), shown only where we have a teacher of our own for that dataset.
+PAPER: dict[tuple[str, str], list[tuple[int, dict]]] = {
+    ("cifar10", "teacher"): [(35, {"fid": 2.04, "is": 9.84})],
+    ("cifar10", "cd"): [(1, {"fid": 3.55, "is": 9.48}), (2, {"fid": 2.93, "is": 9.75})],
+    ("cifar10", "ct"): [(1, {"fid": 8.70, "is": 8.49}), (2, {"fid": 5.83, "is": 8.85})],
+    ("imagenet64", "teacher"): [(79, {"fid": 2.44, "precision": 0.71, "recall": 0.67})],
+    ("imagenet64", "cd"): [(1, {"fid": 6.20, "precision": 0.68, "recall": 0.63}),
+                           (2, {"fid": 4.70, "precision": 0.69, "recall": 0.64})],
+    ("imagenet64", "ct"): [(1, {"fid": 13.0, "precision": 0.71, "recall": 0.47}),
+                           (2, {"fid": 11.1, "precision": 0.69, "recall": 0.56})],
+    ("lsun_bedroom", "teacher"): [(79, {"fid": 3.57, "precision": 0.66, "recall": 0.45})],
+    ("lsun_bedroom", "cd"): [(1, {"fid": 7.80, "precision": 0.66, "recall": 0.34}),
+                             (2, {"fid": 5.22, "precision": 0.68, "recall": 0.39})],
+    ("lsun_bedroom", "ct"): [(1, {"fid": 16.0, "precision": 0.60, "recall": 0.17}),
+                             (2, {"fid": 7.85, "precision": 0.68, "recall": 0.33})],
+    ("lsun_cat", "teacher"): [(79, {"fid": 6.69, "precision": 0.70, "recall": 0.43})],
+    ("lsun_cat", "cd"): [(1, {"fid": 11.0, "precision": 0.65, "recall": 0.36}),
+                         (2, {"fid": 8.84, "precision": 0.66, "recall": 0.40})],
+    ("lsun_cat", "ct"): [(1, {"fid": 20.7, "precision": 0.56, "recall": 0.23}),
+                         (2, {"fid": 11.7, "precision": 0.63, "recall": 0.36})],
+}
+
+OURS = {"fid": 3, "kid": 6, "is": 3, "precision": 4, "recall": 4}  # metric: decimals kept
+RUN = ["num_samples", "sigmas", "training", "preset"]
+TABLE1_COLUMNS = (["method", "nfe", "fid", "is", "kid", "precision", "recall", "paper_nfe", "paper_fid", "paper_is"]
+                  + RUN + ["is_note", "pr_note", "notes", "mlflow_run_id"])
+TABLE2_COLUMNS = (["dataset", "method", "nfe", "fid", "kid", "precision", "recall", "paper_nfe", "paper_fid",
+                   "paper_precision", "paper_recall"] + RUN + ["pr_note", "notes", "mlflow_run_id"])
+INTEGER_COLUMNS = ("nfe", "paper_nfe", "num_samples")
+
+NOT_RUN = "not run here: run the preset paper_{}"
+NOT_SAMPLED = "not sampled at {} NFE here: {} has NFE {}"
+NO_PAPER_ROW = "the paper's table has no {} row at {} NFE"
+NOT_EVALUATED = "not evaluated: {} predates KID and precision/recall"
+NO_SIGMAS = "sampling times not recorded: {} predates them"
+NO_VALUE = "{} not recorded in {}"
+
+
+def metrics_path(dataset: str, model: str, root: str | Path = METRICS_DIR) -> Path:
+    return Path(root) / dataset / f"{model}.json"
+
+
+def load_results(root: str | Path = METRICS_DIR) -> dict[tuple[str, str], dict]:
+    """{(dataset, model): metrics JSON} for every metrics file under root; each gets its path as `path`."""
+    results = {}
+    for dataset in DATASETS:
+        for model in MODELS:
+            path = metrics_path(dataset, model, root)
+            if path.exists():
+                result = json.loads(path.read_text())
+                held = (result.get("dataset", dataset), result.get("model", model))
+                if held != (dataset, model):
+                    raise ValueError(f"{path} holds {held[0]}/{held[1]}, not {dataset}/{model}")
+                results[dataset, model] = {**result, "path": str(path)}
+    return results
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def build_table(results: list[dict]) -> pd.DataFrame:
+def _times(sigmas: list[float] | None) -> str | None:
+    """The sampling times, e.g. '80.0, 0.821'; a long (Heun) grid as its ends and length."""
+    if sigmas is None:
+        return None
+    times = [repr(float(f"{s:.4g}")) for s in sigmas]
+    return ", ".join(times) if len(times) <= 4 else f"{times[0]}, {times[1]}, ..., {times[-1]} ({len(times)} times)"
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _ours(result: dict, row: dict) -> dict:
+    """Our cells of one metrics row, with the reason for each empty one."""
+    path = result["path"]
+    cells = {name: _rounded(row.get(name), digits) for name, digits in OURS.items()}
+    cells |= {"nfe": row["nfe"], "num_samples": row.get("num_samples"), "sigmas": _times(row.get("sigmas")),
+              "training": result.get("training"), "preset": result.get("preset"),
+              "mlflow_run_id": result.get("mlflow_run_id"),
+              "is_note": row.get("is_note") or "", "pr_note": row.get("pr_note") or "", "notes": ""}
+    if "kid" not in row:  # written before KID and precision/recall
+        cells["pr_note"] = NOT_EVALUATED.format(path)
+    if "sigmas" not in row:
+        cells["notes"] = NO_SIGMAS.format(path)
+    if cells["is"] is None and not cells["is_note"]:
+        cells["is_note"] = NO_VALUE.format("IS", path)
+    if (cells["precision"] is None or cells["recall"] is None) and not cells["pr_note"]:
+        cells["pr_note"] = NO_VALUE.format("precision/recall", path)
+    missing = [k for k in ("fid", "kid", "num_samples", "sigmas", "training", "preset", "mlflow_run_id")
+               if cells[k] is None and (k in row or k not in ("kid", "sigmas"))]  # absent ones: see above
+    if missing:
+        cells["notes"] = _join(cells["notes"], NO_VALUE.format(", ".join(missing), path))
+    return cells
+
+
+def _paper(nfe: int | None, values: dict | None) -> dict:
+    return {"paper_nfe": nfe} | {f"paper_{k}": v for k, v in (values or {}).items()}
+
+
+def model_rows(dataset: str, model: str, result: dict | None) -> list[dict]:
+    """The rows of one (dataset, model): the paper's NFEs first, then any other NFE we sampled.
+
+    CD and CT rows pair by NFE (the number of steps). The teacher's one paper row pairs with our teacher row of the
+    most NFE (its full sampler), whatever that is.
+    """
+    paper = PAPER.get((dataset, model), [])
+    method = {"method": METHOD[model]}
+    if result is None:
+        note = NOT_RUN.format(dataset)
+        return [method | {"nfe": nfe, "notes": note} | _paper(nfe, values) for nfe, values in paper]
+    ours = {row["nfe"]: row for row in result["rows"]}
+    if model == "teacher" and paper and ours:
+        pairs = {paper[0][0]: max(ours)}
+    else:
+        pairs = {nfe: nfe for nfe, _ in paper if nfe in ours}
     rows = []
-    for result in results:
-        for row in result["rows"]:
-            # Metrics files written before KID and precision/recall lack their keys: empty cells, with the reason.
-            old = "kid" not in row
-            rows.append({
-                "method": METHOD[result["model"]], "nfe": row["nfe"], "fid": round(row["fid"], 3),
-                "is": _rounded(row["is"], 3), "kid": _rounded(row.get("kid"), 6),
-                "precision": _rounded(row.get("precision"), 4), "recall": _rounded(row.get("recall"), 4),
-                "paper_fid": PAPER_FID.get((result["model"], row["nfe"])),
-                "num_samples": row["num_samples"], "training": result["training"], "preset": result["preset"],
-                "is_note": row["is_note"],
-                "pr_note": NOT_EVALUATED.format(result["model"]) if old else row.get("pr_note", ""),
-                "mlflow_run_id": result["mlflow_run_id"],
-            })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    for nfe, values in paper:
+        if nfe in pairs:
+            rows.append(method | _ours(result, ours[pairs[nfe]]) | _paper(nfe, values))
+        else:
+            note = NOT_SAMPLED.format(nfe, result["path"], ", ".join(map(str, sorted(ours))) or "none")
+            rows.append(method | {"nfe": nfe, "notes": note} | _paper(nfe, values))
+    for nfe in sorted(set(ours) - set(pairs.values())):
+        cells = _ours(result, ours[nfe])
+        rows.append(method | cells | {"notes": _join(NO_PAPER_ROW.format(METHOD[model], nfe), cells["notes"])})
+    return rows
+
+
+def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    table = pd.DataFrame([{"is_note": "", "pr_note": "", "notes": ""} | row for row in rows], columns=columns)
+    for name in INTEGER_COLUMNS:
+        table[name] = table[name].astype("Int64")  # not 1.0 beside an empty cell
+    return table
+
+
+def build_table1(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """CIFAR-10: EDM teacher, CD and CT at 1 and 2 NFE (and any other NFE we sampled)."""
+    rows = [row for model in MODELS for row in model_rows("cifar10", model, results.get(("cifar10", model)))]
+    return _frame(rows, TABLE1_COLUMNS)
+
+
+def build_table2(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """ImageNet 64, LSUN Bedroom and Cat 256: CD and CT at 1 and 2 NFE; the teacher where we have one."""
+    rows = []
+    for dataset in TABLE2_DATASETS:
+        size = DATASETS[dataset].resolution
+        name = {"dataset": f"{DATASET_NAME[dataset]} {size}x{size}"}
+        for model in MODELS:
+            result = results.get((dataset, model))
+            if model != "teacher" or result is not None:
+                rows += [name | row for row in model_rows(dataset, model, result)]
+    return _frame(rows, TABLE2_COLUMNS)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     """A GitHub Markdown table (without pandas' optional tabulate dependency)."""
     def cell(v):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+        return "" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
+CAPTIONS = ("Table 1: CIFAR-10, ours beside Song et al. 2023 (Table 1).",
+            "Table 2: ImageNet 64x64, LSUN Bedroom and Cat 256x256, ours beside Song et al. 2023 (Table 2).")
+
+
+def write_tables(results: dict[tuple[str, str], dict], out_dir: str | Path = TABLES_DIR) -> list[Path]:
+    """Write table1 and table2 as CSV and Markdown; returns the four paths."""
+    paths = []
+    for i, (table, caption) in enumerate(zip((build_table1(results), build_table2(results)), CAPTIONS), start=1):
+        csv_path, md_path = Path(out_dir) / f"table{i}.csv", Path(out_dir) / f"table{i}.md"
+        write_text(csv_path, table.to_csv(index=False))
+        write_text(md_path, f"{caption}\n\n{to_markdown(table)}")
+        paths += [csv_path, md_path]
+    return paths
+
+
 def main() -> None:
     cfg, _ = stage_cli(__doc__)
-    results = [json.loads(Path(metrics(m)).read_text()) for m in MODELS]
-    table = build_table(results)
-    csv_path, md_path = map(Path, TABLES)
-    write_text(csv_path, table.to_csv(index=False))
-    write_text(md_path, to_markdown(table))
+    try:
+        results = load_results()
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        sys.exit(f"error: {e}")
+    paths = write_tables(results)
     with tracking.stage_run("tables", cfg):
-        for path in (csv_path, md_path):
+        for path in paths:
             tracking.log_artifact(path)
-    print(to_markdown(table), file=sys.stderr)
+    for path in paths[1::2]:
+        print(path.read_text(), file=sys.stderr)
 
 
 if __name__ == "__main__":

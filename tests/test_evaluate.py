@@ -1,5 +1,5 @@
 """The evaluate stage's logic without Inception: every metric of a sample set from synthetic features,
-the reference features of reference_stats, the table's columns and the new evaluate knobs."""
+the reference features of reference_stats and the new evaluate knobs (the table: test_tables.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pipeline.config import ConfigError, resolve, validate
 from pipeline.evaluate import score
 from pipeline.metrics import FeatureSet, feature_statistics, inception_score
 from pipeline.reference_stats import feature_count, save_features
-from pipeline.tables import COLUMNS, build_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32  # small features: the metrics do not depend on the 2048 of Inception
@@ -84,24 +83,6 @@ def test_reference_features_are_saved_as_float32(tmp_path):
     saved = np.load(tmp_path / "ref_features.npy")
     assert saved.dtype == np.float32 and np.allclose(saved, pool, rtol=1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["ref_features.npy"]  # no temporary file left
-
-
-def metrics_file(model: str, row: dict) -> dict:
-    return {"model": model, "preset": "micro", "training": "l2", "mlflow_run_id": "0" * 32,
-            "rows": [{"nfe": 1, "fid": 12.3456, "num_samples": 12, "is": None, "is_std": None,
-                      "is_note": "IS unavailable: x", **row}]}
-
-
-def test_table_adds_kid_precision_recall_after_is_and_explains_empty_cells():
-    assert COLUMNS[:8] == ["method", "nfe", "fid", "is", "kid", "precision", "recall", "paper_fid"]
-    new = metrics_file("cd", {"kid": 0.0123456, "precision": 0.5, "recall": None,
-                              "pr_note": "precision/recall unavailable: k=3 ..."})
-    old = metrics_file("ct", {})  # written before KID and precision/recall
-    table = build_table([new, old])
-    assert list(table.columns) == COLUMNS
-    assert table.kid[0] == 0.012346 and table.precision[0] == 0.5 and table.pr_note[0].startswith("precision/recall")
-    assert table[["kid", "precision", "recall"]].iloc[1].isna().all()
-    assert table.pr_note[1].startswith("not evaluated: results/metrics/ct.json predates")
 
 
 @pytest.mark.parametrize("overrides, expected", [
