@@ -21,7 +21,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-ENV_SOURCE = "CIFAR10_SOURCE"  # overrides data.source, so a local copy needs no edit of params.yaml
+from pipeline.datasets import DATASETS, DatasetSpec
+
+ENV_SOURCE = "CIFAR10_SOURCE"  # overrides data.source for CIFAR-10, so a local copy needs no edit of params.yaml
+EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 
 
 class ConfigError(ValueError):
@@ -39,6 +42,7 @@ class Run:
     threads: int  # torch CPU threads; 0 = leave torch's default
     experiment: str
     tracking_uri: str  # the environment variable MLFLOW_TRACKING_URI wins when set
+    mixed_precision: Literal["none", "fp16", "bf16"]  # training forward passes under autocast on CUDA (Table 3: fp16)
 
     def problems(self) -> list[tuple[str, str]]:
         return [("threads", "must be >= 0")] if self.threads < 0 else []
@@ -46,13 +50,27 @@ class Run:
 
 @dataclass(frozen=True)
 class Data:
-    dataset: Literal["cifar10"]
-    source: str  # 'torchvision' (download) or a .tar.gz / folder of class folders
-    max_train: int | None  # keep the first n training images per class order (None = all)
+    dataset: Literal["cifar10", "imagenet64", "lsun_bedroom", "lsun_cat"]
+    source: str  # cifar10: 'torchvision' (download) or a .tar.gz / folder; others: the folder of the raw download
+    max_train: int | None  # keep the first n of the shuffled training images (None = all)
     hflip: bool
+    class_conditional: bool  # feed the labels to every network (ImageNet 64)
+    workers: int  # processes that decode images in prepare_data (0: in-process)
 
     def problems(self) -> list[tuple[str, str]]:
-        return [("max_train", "must be > 0 or null")] if self.max_train is not None and self.max_train <= 0 else []
+        out = [("max_train", "must be > 0 or null")] if self.max_train is not None and self.max_train <= 0 else []
+        if self.class_conditional and DATASETS[self.dataset].num_classes == 0:
+            out.append(("class_conditional", f"{self.dataset} has no class labels"))
+        return out + ([("workers", "must be >= 0")] if self.workers < 0 else [])
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.dataset]
+
+    @property
+    def label_dim(self) -> int:
+        """Classes the networks are conditioned on (0: unconditional)."""
+        return self.spec.num_classes if self.class_conditional else 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,8 @@ def _training_problems(cfg: Any) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Teacher:
+    source: Literal["train", "import"]  # import: the teacher stage converts an NVlabs EDM pickle instead of training
+    edm_pickle: str  # the pickle imported when source is 'import' (edm-cifar10-32x32-uncond-{vp,ve}.pkl)
     iterations: int
     batch: int
     lr: float
@@ -186,8 +206,8 @@ class Sample:
     batch: int
     seed: int
     teacher_steps: int  # EDM Heun sampler: 2 * steps - 1 network evaluations
-    cd_schedules: list[list[float]]  # each: the descending times of Alg. 1 (its length is the NFE)
-    ct_schedules: list[list[float]]
+    cd_schedules: list[list[float | Literal["search"]]]  # each: the descending times of Alg. 1 (length = NFE);
+    ct_schedules: list[list[float | Literal["search"]]]  # 'search': the time the search_<model> stage found
     grid: int  # images in the PNG grid of each schedule
 
     def problems(self) -> list[tuple[str, str]]:
@@ -196,6 +216,10 @@ class Sample:
             out.append(("teacher_steps", f"must be >= 2, got {self.teacher_steps}"))
         for key in ("cd_schedules", "ct_schedules"):
             for schedule in getattr(self, key):
+                if schedule.count("search") > 1 or (schedule and schedule[0] == "search"):
+                    out.append((key, f"'search' stands for one intermediate time (not the first), got {schedule}"))
+                    continue
+                schedule = [t for t in schedule if t != "search"]
                 if not schedule or min(schedule) <= 0:
                     out.append((key, f"every time must be > 0, got {schedule}"))
                 elif any(b >= a for a, b in zip(schedule, schedule[1:])):
@@ -204,6 +228,45 @@ class Sample:
             if len(set(nfes)) != len(nfes):
                 out.append((key, f"one schedule per number of steps, got lengths {nfes}"))
         return out
+
+
+@dataclass(frozen=True)
+class Search:
+    """The 2-step intermediate time: a ternary search over the grid index, minimising FID (paper, Sec. 6)."""
+
+    grid: int | None  # Karras levels searched (1 .. grid-2); None: the model's last training grid (CD N, CT s1+1)
+    num_samples: int  # samples per FID evaluation
+    seed: int
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [("grid", f"must be >= 3 or null, got {self.grid}")] if self.grid is not None and self.grid < 3 else []
+        return out + ([("num_samples", "must be >= 2")] if self.num_samples < 2 else [])
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Figure 3: training runs that differ from the cd or ct section in a few knobs, FID against iteration."""
+
+    iterations: int | None  # every run's length (None: its section's iterations)
+    eval_every: int  # iterations between FID evaluations of the 1-step EMA samples
+    num_samples: int  # samples per FID evaluation
+    runs: dict[str, Any]  # name -> {model: cd | ct, knobs of that section}
+    panels: dict[str, Any]  # figure panel -> list of run names plotted together
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(k, "must be > 0") for k in ("eval_every", "num_samples") if getattr(self, k) <= 0]
+        if self.iterations is not None and self.iterations <= 0:
+            out.append(("iterations", "must be > 0 or null"))
+        for panel, names in self.panels.items():
+            if not isinstance(names, list) or not names:
+                out.append(("panels", f"{panel}: expected a non-empty list of run names, got {names!r}"))
+            elif unknown := [n for n in names if n not in self.runs]:
+                out.append(("panels", f"{panel}: unknown run {unknown[0]!r} (runs: {', '.join(self.runs)})"))
+        return out
+
+    def used_runs(self) -> list[str]:
+        """The runs some panel plots, in order of first appearance (the others are not built)."""
+        return list(dict.fromkeys(n for names in self.panels.values() for n in names))
 
 
 @dataclass(frozen=True)
@@ -234,7 +297,7 @@ class Edit:
     seed: int
     steps: int  # Algorithm 4 runs over the Karras grid of this many times (sigma_max .. sigma_min)
     inpaint_mask: Literal["center", "left_half", "random_pixels"]
-    sr_factor: int  # super-resolution: p x p patches; the known low-resolution image is 32/p x 32/p
+    sr_factor: int  # super-resolution: p x p patches; the known low-resolution image is (res/p) x (res/p)
     sdedit_times: list[float]  # stroke-guided generation (SDEdit): descending times
     denoise_sigma: float  # noise level added to the test images, in the [-1, 1] units of the model
     interp_pairs: int  # interpolation: pairs of latents (rows of the figure)
@@ -245,8 +308,8 @@ class Edit:
         out += [(k, "must be > 0") for k in ("batch", "interp_pairs", "denoise_sigma") if getattr(self, k) <= 0]
         if self.steps < 2:
             out.append(("steps", f"must be >= 2 (the grid's last time, sigma_min, is skipped), got {self.steps}"))
-        if self.sr_factor < 2 or 32 % self.sr_factor:
-            out.append(("sr_factor", f"must be a divisor >= 2 of the resolution 32, got {self.sr_factor}"))
+        if self.sr_factor < 2:
+            out.append(("sr_factor", f"must be >= 2, got {self.sr_factor}"))
         if not self.sdedit_times or min(self.sdedit_times) <= 0:
             out.append(("sdedit_times", f"must be a non-empty list of times > 0, got {self.sdedit_times}"))
         elif any(b >= a for a, b in zip(self.sdedit_times, self.sdedit_times[1:])):
@@ -270,7 +333,8 @@ class Resources:
 
 @dataclass(frozen=True)
 class Config:
-    preset: str
+    preset: str  # one preset name, or several joined by '+' (applied in order)
+    follow: str  # 'paper' or 'code': which values a preset takes where the official code differs from the paper
     run: Run
     data: Data
     diffusion: Diffusion
@@ -280,8 +344,10 @@ class Config:
     ct: ConsistencyTraining
     lpips: Lpips
     sample: Sample
+    search: Search
     evaluate: Evaluate
     edit: Edit
+    ablation: Ablation
     resources: dict[str, Resources] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved plain dict
 
@@ -293,19 +359,23 @@ class Config:
         return value
 
 
-SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name not in ("preset", "raw")}
+SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items()
+            if name not in ("preset", "follow", "raw")}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading.
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """A copy of base with override's values put in, recursing into dicts."""
+REPLACED = {("ablation", "panels")}  # mappings a preset replaces whole (a smaller Figure 3 drops panels)
+
+
+def deep_merge(base: dict, override: dict, path: tuple[str, ...] = ()) -> dict:
+    """A copy of base with override's values put in, recursing into dicts (except those in REPLACED)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and path + (key,) not in REPLACED:
+            out[key] = deep_merge(out[key], value, path + (key,))
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -323,8 +393,13 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_value(path, value, inner)
+        options = [a for a in args if a is not type(None)]
+        for inner in options[:-1]:
+            try:
+                return _check_value(path, value, inner)
+            except ConfigError:
+                pass
+        return _check_value(path, value, options[-1])
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {value!r}")
@@ -381,22 +456,41 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 
 def resolve(params: dict, preset: str | None = None, overrides: dict | None = None) -> dict:
-    """The plain dict of one preset: top-level defaults, then presets[preset], then overrides."""
+    """The plain dict of one preset: top-level defaults, then each named preset in turn, then overrides.
+
+    `preset: paper_imagenet64+micro` applies paper_imagenet64, then micro on top (a Table 3 column at test size).
+    With `follow: code`, each applied preset's `code:` block (where the official code differs from the paper)
+    is applied after it.
+    """
     params = dict(params)
     presets = params.pop("presets", {}) or {}
     chosen = preset or params.pop("preset", None)
     params.pop("preset", None)
+    follow = (overrides or {}).get("follow", params.pop("follow", "paper"))
+    if follow not in ("paper", "code"):
+        raise ConfigError(f"follow: must be paper or code; got {follow!r}")
     if chosen is None:
         raise ConfigError("preset: missing (name one of the presets, e.g. 'preset: tiny')")
-    if chosen not in presets:
-        raise ConfigError(f"preset: unknown preset {chosen!r} (known: {', '.join(presets)})")
     for name, body in presets.items():
-        for key in body or {}:
-            if key not in SECTIONS:
-                raise _unknown(f"presets.{name}.", str(key), list(SECTIONS))
-    out = deep_merge(params, presets[chosen] or {})
-    out = deep_merge(out, overrides or {})
+        for key, value in (body or {}).items():
+            if key == "code":
+                for inner in value or {}:
+                    if inner not in SECTIONS:
+                        raise _unknown(f"presets.{name}.code.", str(inner), list(SECTIONS))
+            elif key not in SECTIONS:
+                raise _unknown(f"presets.{name}.", str(key), list(SECTIONS) + ["code"])
+    out = params
+    for name in str(chosen).split("+"):
+        if name not in presets:
+            raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(presets)})")
+        body = dict(presets[name] or {})
+        code = body.pop("code", None) or {}
+        out = deep_merge(out, body)
+        if follow == "code":
+            out = deep_merge(out, code)
+    out = deep_merge(out, {k: v for k, v in (overrides or {}).items() if k != "follow"})
     out["preset"] = chosen
+    out["follow"] = follow
     return out
 
 
@@ -404,7 +498,7 @@ def validate(resolved: dict, source: str = "params.yaml") -> Config:
     """Type- and value-check a resolved dict; raise ConfigError with one line naming the key."""
     where = f"{source}: "
     for key in resolved:
-        if key != "preset" and key not in SECTIONS:
+        if key not in ("preset", "follow") and key not in SECTIONS:
             raise _unknown(where, str(key), list(SECTIONS))
     sections = {}
     for name, cls in SECTIONS.items():
@@ -417,7 +511,7 @@ def validate(resolved: dict, source: str = "params.yaml") -> Config:
         else:
             sections[name] = _build(cls, resolved[name], f"{where}{name}.")
     _cross_checks(sections, where)
-    return Config(preset=resolved["preset"], raw=resolved, **sections)
+    return Config(preset=resolved["preset"], follow=resolved.get("follow", "paper"), raw=resolved, **sections)
 
 
 def _cross_checks(s: dict, where: str) -> None:
@@ -426,6 +520,24 @@ def _cross_checks(s: dict, where: str) -> None:
         for schedule in getattr(s["sample"], key):
             if schedule[0] > sigma_max:
                 raise ConfigError(f"{where}sample.{key}: starts at {schedule[0]} > diffusion.sigma_max {sigma_max}")
+    resolution = s["data"].spec.resolution
+    if resolution % s["edit"].sr_factor:
+        raise ConfigError(f"{where}edit.sr_factor: must divide the resolution {resolution} of {s['data'].dataset}; "
+                          f"got {s['edit'].sr_factor}")
+    if s["teacher"].source == "import" and (s["data"].dataset != "cifar10" or s["data"].class_conditional):
+        raise ConfigError(f"{where}teacher.source: 'import' reads the unconditional NVlabs EDM CIFAR-10 pickles; "
+                          f"data.dataset is {s['data'].dataset}")
+    ablation = s["ablation"]
+    for name, run in ablation.runs.items():
+        if not isinstance(run, dict) or run.get("model") not in ("cd", "ct"):
+            raise ConfigError(f"{where}ablation.runs.{name}.model: must be cd or ct")
+        ablation_section(s[run["model"]], run, f"{where}ablation.runs.{name}.")
+
+
+def ablation_section(base: Any, run: dict, where: str = "ablation.runs.") -> Any:
+    """The cd or ct section of one ablation run: the base section with the run's knobs put in, validated."""
+    knobs = {k: v for k, v in run.items() if k != "model"}
+    return _build(type(base), {**dataclasses.asdict(base), **knobs}, where)
 
 
 def parse_override(text: str) -> dict:
@@ -455,17 +567,22 @@ def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, ove
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
     resolved = resolve(params, preset, merged)
-    if os.environ.get(ENV_SOURCE):
-        resolved.setdefault("data", {})["source"] = os.environ[ENV_SOURCE]
+    if os.environ.get(ENV_SOURCE) and resolved.get("data", {}).get("dataset") == "cifar10":
+        resolved["data"]["source"] = os.environ[ENV_SOURCE]
     return validate(resolved, str(path))
 
 
 def check_data_source(cfg: Config) -> None:
-    """A local data source must exist; checked before any job starts (the download is checked when it runs)."""
-    source = cfg.data.source
+    """Local inputs must exist, checked before any job starts: the data source (a download is checked when it
+    runs) and an EDM pickle to import. The message says what to download and where to put it."""
+    source, spec = cfg.data.source, cfg.data.spec
+    if source == "torchvision" and spec.name != "cifar10":
+        raise ConfigError(f"data.source: 'torchvision' downloads only CIFAR-10; for {spec.name}, {spec.download}")
     if source != "torchvision" and not Path(source).expanduser().exists():
-        raise ConfigError(f"data.source: {source} does not exist (give 'torchvision', a .tar.gz, or a folder of "
-                          f"<split>/<class>/ images; the environment variable {ENV_SOURCE} overrides data.source)")
+        raise ConfigError(f"data.source: {source} does not exist; {spec.download}")
+    if cfg.teacher.source == "import" and not Path(cfg.teacher.edm_pickle).expanduser().is_file():
+        raise ConfigError(f"teacher.edm_pickle: {cfg.teacher.edm_pickle} does not exist; download "
+                          f"edm-cifar10-32x32-uncond-ve.pkl (NCSN++) or -vp.pkl (DDPM++) from {EDM_RELEASE_URL}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

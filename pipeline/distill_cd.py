@@ -10,20 +10,25 @@ lambda = 1; then theta- <- mu theta- + (1 - mu) theta. The student starts from t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 
 from pipeline import cm
-from pipeline.config import stage_cli
+from pipeline.config import Config, Distill, stage_cli
 from pipeline.lpips import training_distance
-from pipeline.models import build_model, ema_update, frozen_copy, load_model
+from pipeline.models import ema_update, frozen_copy, load_model, model_for
 from pipeline.stages import checkpoint
 from pipeline.training import Training, setup_torch
 
 
 def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Tensor, sigmas: torch.Tensor,
-            teacher_step: Callable, distance: Callable) -> torch.Tensor:
-    """Algorithm 2, one batch: d(f_theta(x_t, t), f_theta-(x_t2, t2)), x_t2 from one teacher ODE step."""
+            teacher_step: Callable, distance: Callable, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Algorithm 2, one batch: d(f_theta(x_t, t), f_theta-(x_t2, t2)), x_t2 from one teacher ODE step.
+    Class-conditional models see the image's label in all three networks."""
+    if labels is not None:
+        student, target, teacher = (partial(m, class_labels=labels) for m in (student, target, teacher))
     n = torch.randint(0, len(sigmas) - 1, (x.shape[0],), device=x.device)
     t, t2 = sigmas[n], sigmas[n + 1]
     x_t = x + t.reshape(-1, *[1] * (x.ndim - 1)) * torch.randn_like(x)
@@ -33,28 +38,34 @@ def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Ten
     return distance(student(x_t, t), target_out).mean()
 
 
-def main() -> None:
-    cfg, _ = stage_cli(__doc__)
-    device = setup_torch(cfg)
-    c, d = cfg.cd, cfg.diffusion
+def trainer(cfg: Config, c: Distill, device: torch.device, **training_args: Any) -> tuple[Training, dict]:
+    """The Training of Algorithm 2 for the section `c` and the arguments of its fit()."""
+    d = cfg.diffusion
     distance = training_distance(c.metric, cfg.lpips, device)  # fails early if LPIPS weights are missing
-    teacher = load_model(checkpoint("teacher"), device)
-    student = build_model("cd", cfg.raw["network"], cfg.raw["diffusion"], dropout=c.dropout)
+    teacher = load_model(checkpoint(cfg, "teacher"), device)
+    student = model_for("cd", cfg, c.dropout)
     if c.init_from_teacher:
         student.net.load_state_dict(teacher.net.state_dict())
     target = frozen_copy(student).to(device)
-    training = Training("cd", cfg, c, student, device, optimizer=c.optimizer, extra={"target": target})
+    training = Training("cd", cfg, c, student, device, optimizer=c.optimizer, extra={"target": target},
+                        **training_args)
     sigmas = cm.karras_sigmas(c.N, d.sigma_min, d.sigma_max, d.rho).to(device)
     teacher_step = {"euler": cm.euler_step, "heun": cm.heun_step}[c.solver]
 
-    def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return cd_loss(training.model, target, teacher, x, sigmas, teacher_step, distance), {}
+    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        return cd_loss(training.model, target, teacher, x, sigmas, teacher_step, distance, labels), {}
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, c.mu)
         return {}
 
-    training.fit(loss_fn, lambda step: c.ema, after_step=after_step)
+    return training, {"loss_fn": loss_fn, "ema_rate": lambda step: c.ema, "after_step": after_step}
+
+
+def main() -> None:
+    cfg, _ = stage_cli(__doc__)
+    training, fit_args = trainer(cfg, cfg.cd, setup_torch(cfg))
+    training.fit(**fit_args)
 
 
 if __name__ == "__main__":

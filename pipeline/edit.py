@@ -2,9 +2,9 @@
 
     python -m pipeline.edit [--config params.yaml] [--set edit.model=ct]
 
-The consistency model named by `edit.model` (checkpoints/<model>.pt) edits edit.num_images held-out
-images, drawn at random (seed edit.seed; test.npz is in class order) from data/cifar10/test.npz, in the
-six ways of pipeline.editing:
+The consistency model named by `edit.model` (checkpoints/<dataset>/<model>.pt) edits edit.num_images
+held-out images, drawn at random (seed edit.seed) from the test split of data/<dataset>, in the six ways of
+pipeline.editing (a class-conditional model is given each test image's label; interpolation, random ones):
 
     inpainting        the edit.inpaint_mask region removed, then filled in (17 NFE by default)
     colorization      from the grey image
@@ -14,10 +14,10 @@ six ways of pipeline.editing:
     denoising         from the image plus Gaussian noise of std edit.denoise_sigma, one evaluation
     interpolation     slerp between pairs of latents, one evaluation per frame
 
-Writes results/figures/editing_<task>.png (rows: input, result, ground truth; for interpolation one row
-per pair of latents) and results/metrics/editing_<model>.json: per task the mean PSNR and SSIM of the
-results against the ground truth (and of the inputs, as a baseline); for inpainting also the FID of the
-completed images against data/cifar10/fid_ref.npz (evaluate.inception / mode / batch). Interpolation has
+Writes results/figures/<dataset>/editing_<task>.png (rows: input, result, ground truth; for interpolation
+one row per pair of latents) and results/metrics/<dataset>/editing_<model>.json: per task the mean PSNR and
+SSIM of the results against the ground truth (and of the inputs, as a baseline); for inpainting also the FID
+of the completed images against data/<dataset>/fid_ref.npz (evaluate.inception / mode / batch). Interpolation has
 no ground truth. All numbers and figures are logged to the MLflow run edit_<model>.
 """
 
@@ -36,8 +36,8 @@ from pipeline.cm import ConsistencyFn
 from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, load_split, to_model_range, to_uint8, write_json
 from pipeline.metrics import InceptionFeatures, feature_statistics, frechet_distance, load_reference_stats
-from pipeline.models import IMG_RESOLUTION, checkpoint_meta, load_model
-from pipeline.stages import DATA, checkpoint
+from pipeline.models import Preconditioned, checkpoint_meta, load_model
+from pipeline.stages import checkpoint, data_dir, edit_outputs, figure, ref_stats
 from pipeline.training import setup_torch
 
 TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
@@ -45,12 +45,12 @@ FIGURE_COLUMNS = 8
 STROKE_BLOCK, STROKE_LEVELS = 4, 4
 
 
-def figure_path(task: str) -> Path:
-    return Path(f"results/figures/editing_{task}.png")
+def figure_path(cfg: Config, task: str) -> Path:
+    return Path(figure(cfg, f"editing_{task}"))
 
 
-def metrics_path(model: str) -> Path:
-    return Path(f"results/metrics/editing_{model}.json")
+def metrics_path(cfg: Config, model: str) -> Path:
+    return Path(edit_outputs(cfg, model)[-1])
 
 
 def stroke_painting(x: torch.Tensor, block: int = STROKE_BLOCK, levels: int = STROKE_LEVELS) -> torch.Tensor:
@@ -65,48 +65,61 @@ def in_batches(fn: Callable[..., torch.Tensor], batch: int, *tensors: torch.Tens
     return torch.cat([fn(*(t[i:i + batch] for t in tensors)) for i in range(0, len(tensors[0]), batch)])
 
 
-def run_tasks(f: ConsistencyFn, truth: torch.Tensor, cfg: Config) -> dict[str, dict]:
-    """{task: {'input', 'result', 'truth' (images NCHW in [-1, 1] or None), 'settings'}}."""
+def conditioned(model: ConsistencyFn, labels: torch.Tensor | None) -> ConsistencyFn:
+    """f(x, sigma) of a model, given the labels of the batch when it is class-conditional."""
+    return model if labels is None else (lambda x, sigma: model(x, sigma, labels))
+
+
+def run_tasks(model: ConsistencyFn, truth: torch.Tensor, cfg: Config,
+              labels: torch.Tensor | None = None) -> dict[str, dict]:
+    """{task: {'input', 'result', 'truth' (images NCHW in [-1, 1] or None), 'settings'}}; labels: the classes
+    of the truth images for a class-conditional model (None: unconditional)."""
     e, d = cfg.edit, cfg.diffusion
     device = truth.device
     times = editing.editing_times(e.steps, d.sigma_min, d.sigma_max, d.rho)
-    n, p = len(truth), e.sr_factor
+    n, p, resolution = len(truth), e.sr_factor, truth.shape[-1]
     generator = torch.Generator().manual_seed(e.seed)  # noise drawn on the CPU: the same on every device
     options = {"generator": generator, "sigma_min": d.sigma_min}
-    out = {}
+    # Every batch carries its labels (a dummy column when unconditional), so `f` sees the right classes.
+    c = labels if labels is not None else torch.zeros(n, device=device)
 
-    mask = editing.inpainting_mask(e.inpaint_mask, n, IMG_RESOLUTION, generator).to(device)
+    def f(batch_labels: torch.Tensor) -> ConsistencyFn:
+        return conditioned(model, batch_labels if labels is not None else None)
+
+    out = {}
+    mask = editing.inpainting_mask(e.inpaint_mask, n, resolution, generator).to(device)
     damaged = truth * (1 - mask)  # the unknown pixels read as mid-grey
-    result = in_batches(lambda y, m: editing.inpaint(f, y, m, times, **options), e.batch, damaged, mask)
+    result = in_batches(lambda y, m, k: editing.inpaint(f(k), y, m, times, **options), e.batch, damaged, mask, c)
     out["inpainting"] = {"input": damaged, "result": result, "truth": truth,
                          "settings": {"mask": e.inpaint_mask, "nfe": len(times)}}
 
     grey = editing.grey(truth)
-    result = in_batches(lambda g: editing.colorize(f, g, times, **options), e.batch, grey)
+    result = in_batches(lambda g, k: editing.colorize(f(k), g, times, **options), e.batch, grey, c)
     out["colorization"] = {"input": grey.expand(-1, 3, -1, -1), "result": result, "truth": truth,
                            "settings": {"nfe": len(times)}}
 
     low_res = editing.patch_means(truth, p)
-    result = in_batches(lambda y: editing.super_resolve(f, y, p, times, **options), e.batch, low_res)
+    result = in_batches(lambda y, k: editing.super_resolve(f(k), y, p, times, **options), e.batch, low_res, c)
     out["super_resolution"] = {"input": editing.upsample(low_res, p), "result": result, "truth": truth,
                                "settings": {"factor": p, "nfe": len(times)}}
 
     strokes = stroke_painting(truth)
-    result = in_batches(lambda s: editing.stroke_guided(f, s, e.sdedit_times, **options), e.batch, strokes)
+    result = in_batches(lambda s, k: editing.stroke_guided(f(k), s, e.sdedit_times, **options), e.batch, strokes, c)
     out["stroke_guided"] = {"input": strokes, "result": result, "truth": truth,
                             "settings": {"times": e.sdedit_times, "nfe": len(e.sdedit_times),
                                          "strokes": f"{STROKE_BLOCK}x{STROKE_BLOCK} blocks, {STROKE_LEVELS} levels"}}
 
     noise = torch.randn(truth.shape, generator=generator).to(device)
     noisy = truth + e.denoise_sigma * noise  # x_sigma = x + sigma z
-    result = in_batches(lambda x: editing.denoise(f, x, e.denoise_sigma), e.batch, noisy)
+    result = in_batches(lambda x, k: editing.denoise(f(k), x, e.denoise_sigma), e.batch, noisy, c)
     out["denoising"] = {"input": noisy, "result": result, "truth": truth,
                         "settings": {"sigma": e.denoise_sigma, "nfe": 1}}
 
     shape = (e.interp_pairs, *truth.shape[1:])
     z1, z2 = (torch.randn(shape, generator=generator).to(device) for _ in range(2))
     alphas = np.linspace(0, 1, e.interp_frames).tolist()
-    frames = editing.interpolate(f, z1, z2, alphas, d.sigma_max)
+    pair_labels = None if labels is None else labels[: e.interp_pairs]
+    frames = editing.interpolate(conditioned(model, pair_labels), z1, z2, alphas, d.sigma_max)
     out["interpolation"] = {"input": None, "result": frames, "truth": None,
                             "settings": {"pairs": e.interp_pairs, "alphas": alphas, "nfe": 1}}
     return out
@@ -121,9 +134,9 @@ def quality(images: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
 def inpainting_fid(images: np.ndarray, cfg: Config, device: torch.device) -> dict:
     """FID of the completed images against the training-set statistics of reference_stats."""
     e = cfg.evaluate
-    reference = load_reference_stats(f"{DATA}/fid_ref.npz")
+    reference = load_reference_stats(ref_stats(cfg))
     if reference["mode"] != e.mode:
-        sys.exit(f"error: {DATA}/fid_ref.npz was computed in mode {reference['mode']!r}, evaluate.mode is {e.mode!r}")
+        sys.exit(f"error: {ref_stats(cfg)} was computed in mode {reference['mode']!r}, evaluate.mode is {e.mode!r}")
     try:
         inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
     except (RuntimeError, ValueError) as err:
@@ -190,16 +203,19 @@ def main() -> None:
     cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     model = cfg.edit.model
-    f = load_model(checkpoint(model), device)
-    images, _ = load_split(f"{DATA}/test.npz")
+    f: Preconditioned = load_model(checkpoint(cfg, model), device)
+    images, labels = load_split(data_dir(cfg), "test")
     chosen = np.random.default_rng(cfg.edit.seed).permutation(len(images))[: cfg.edit.num_images]
-    truth_uint8 = images[chosen]
-    if len(truth_uint8) < 2 or truth_uint8.shape[1:3] != (IMG_RESOLUTION, IMG_RESOLUTION):
-        sys.exit(f"error: {DATA}/test.npz: need >= 2 images of {IMG_RESOLUTION}x{IMG_RESOLUTION}, "
+    truth_uint8 = np.asarray(images[chosen])
+    resolution = cfg.data.spec.resolution
+    if len(truth_uint8) < 2 or truth_uint8.shape[1:3] != (resolution, resolution):
+        sys.exit(f"error: {data_dir(cfg)}/test_images.npy: need >= 2 images of {resolution}x{resolution}, "
                  f"got {truth_uint8.shape}")
+    truth_labels = torch.as_tensor(labels[chosen], device=device) if f.label_dim else None
     with tracking.stage_run(f"edit_{model}", cfg, tags={"model": model}) as run:
-        outcomes = run_tasks(f, to_model_range(truth_uint8).to(device), cfg)
-        report = {"model": model, "preset": cfg.preset, "checkpoint_step": checkpoint_meta(checkpoint(model))["step"],
+        outcomes = run_tasks(f, to_model_range(truth_uint8).to(device), cfg, truth_labels)
+        report = {"model": model, "dataset": cfg.data.dataset, "preset": cfg.preset,
+                  "checkpoint_step": checkpoint_meta(checkpoint(cfg, model))["step"],
                   "num_images": len(truth_uint8), "figure_test_indices": chosen.tolist()[:FIGURE_COLUMNS],
                   "mlflow_run_id": run.info.run_id, "tasks": {}}
         for task in TASKS:
@@ -219,12 +235,12 @@ def main() -> None:
                                   if k in ("psnr", "ssim", "psnr_input", "ssim_input", "fid") and v is not None})
             rows, xlabels = figure_rows(task, outcome, FIGURE_COLUMNS)
             title = f"{TITLES[task].format(**outcome['settings'])}, {model.upper()}"
-            save_rows(rows, figure_path(task), title, xlabels)
-            tracking.log_artifact(figure_path(task))
+            save_rows(rows, figure_path(cfg, task), title, xlabels)
+            tracking.log_artifact(figure_path(cfg, task))
             summary = ", ".join(f"{k} {entry[k]:.3f}" for k in ("psnr", "ssim", "fid") if entry.get(k) is not None)
             print(f"edit {model} {task}: {summary or 'see figure'}", file=sys.stderr)
-        write_json(metrics_path(model), report)
-        tracking.log_artifact(metrics_path(model))
+        write_json(metrics_path(cfg, model), report)
+        tracking.log_artifact(metrics_path(cfg, model))
 
 
 if __name__ == "__main__":

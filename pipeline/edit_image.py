@@ -1,6 +1,6 @@
 """Edit one image with a trained consistency model, zero-shot (paper Algorithm 4, Appendix D).
 
-    python -m pipeline.edit_image INPUT OUTPUT --task TASK [--checkpoint checkpoints/cd.pt] [options]
+    python -m pipeline.edit_image INPUT OUTPUT --task TASK [--checkpoint checkpoints/cifar10/cd.pt] [options]
 
     --task inpainting        INPUT: 32x32 image. --mask: a PNG/JPEG of the same size (white = fill in,
                              black = keep) or one of center, left_half, random_pixels.
@@ -18,7 +18,8 @@ mask of another size, an unknown task, a missing checkpoint) is reported in one 
 
 Examples:
     python -m pipeline.edit_image photo.png out.png --task inpainting --mask center
-    python -m pipeline.edit_image small16.png out.png --task super_resolution --factor 2 --checkpoint checkpoints/ct.pt
+    python -m pipeline.edit_image small16.png out.png --task super_resolution --factor 2 \
+        --checkpoint checkpoints/cifar10/ct.pt
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("input", help="the image to edit (PNG, JPEG, ...)")
     parser.add_argument("output", help="where to write the edited image (PNG)")
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--checkpoint", default="checkpoints/cd.pt", help="a CD or CT checkpoint")
+    parser.add_argument("--checkpoint", default="checkpoints/cifar10/cd.pt", help="a CD or CT checkpoint")
     parser.add_argument("--mask", help="inpainting: mask image (white = fill in) or " + ", ".join(editing.MASKS))
     parser.add_argument("--factor", type=int, help="super-resolution factor p, a divisor of 32 (default 2)")
     parser.add_argument("--steps", type=int, default=18, help="Karras grid size of Algorithm 4 (steps - 1 NFE)")

@@ -5,7 +5,7 @@ model's samples, all from one Inception pass per NFE.
 
 FID against the training-set statistics of reference_stats; KID and precision/recall (k-NN manifolds,
 k = evaluate.pr_k, as the ADM evaluator) against its reference features; same Inception weights and
-clean-fid mode. Writes results/metrics/<model>.json, one entry per NFE.
+clean-fid mode. Writes results/metrics/<dataset>/<model>.json, one entry per NFE.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.metrics import (
     load_reference_stats,
     precision_recall,
 )
-from pipeline.stages import MODELS, REF_FEATURES, REF_STATS, metrics, samples
+from pipeline.stages import MODELS, metrics, ref_features, ref_stats, samples
 from pipeline.training import setup_torch
 
 NO_LOGITS = "IS unavailable: {} Inception weights have no classifier layer"
@@ -57,6 +57,19 @@ def score(features: FeatureSet, reference_stats: dict, reference_features: np.nd
     return row
 
 
+def load_references(cfg) -> tuple[dict, np.ndarray]:
+    """The reference statistics and features of reference_stats, checked against evaluate.mode; exits if stale."""
+    stats_path, features_path = ref_stats(cfg), ref_features(cfg)
+    reference = load_reference_stats(stats_path)
+    if reference["mode"] != cfg.evaluate.mode:
+        sys.exit(f"error: {stats_path} was computed in mode {reference['mode']!r}, "
+                 f"evaluate.mode is {cfg.evaluate.mode!r}")
+    features = np.load(features_path)
+    if len(features) != reference.get("feature_count", len(features)):
+        sys.exit(f"error: {features_path} does not belong to {stats_path}: run reference_stats again")
+    return reference, features
+
+
 def _summary(model: str, nfe: int, row: dict) -> str:
     pr = "" if row["precision"] is None else f", precision {row['precision']:.3f}, recall {row['recall']:.3f}"
     return f"{model} NFE {nfe}: FID {row['fid']:.2f}, KID {row['kid']:.4f}{pr} on {row['num_samples']} samples"
@@ -66,14 +79,10 @@ def main() -> None:
     cfg, args = stage_cli(__doc__, MODELS)
     device = setup_torch(cfg)
     e = cfg.evaluate
-    reference = load_reference_stats(REF_STATS)
-    if reference["mode"] != e.mode:
-        sys.exit(f"error: {REF_STATS} was computed in mode {reference['mode']!r}, evaluate.mode is {e.mode!r}")
-    reference_features = np.load(REF_FEATURES)
-    if len(reference_features) != reference.get("feature_count", len(reference_features)):
-        sys.exit(f"error: {REF_FEATURES} does not belong to {REF_STATS}: run reference_stats again")
-    with np.load(samples(args.model)) as f:
-        sets = {int(k[3:]): f[k] for k in f.files}
+    reference, reference_features = load_references(cfg)
+    with np.load(samples(cfg, args.model)) as f:
+        sets = {int(k[3:]): f[k] for k in f.files if k.startswith("nfe")}
+        sigmas = {int(k[len("sigmas_nfe"):]): f[k].tolist() for k in f.files if k.startswith("sigmas_nfe")}
     with tracking.stage_run(f"evaluate_{args.model}", cfg, tags={"model": args.model}) as run:
         try:
             inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
@@ -81,13 +90,14 @@ def main() -> None:
             sys.exit(f"error: evaluate.inception: {err}")
         rows = []
         for nfe, images in sorted(sets.items()):
-            row = {"nfe": nfe, "num_samples": len(images)}
+            row = {"nfe": nfe, "num_samples": len(images), "sigmas": sigmas.get(nfe)}
             row |= score(inception(images), reference, reference_features, e.pr_k, inception.source.split()[0])
             rows.append(row)
             tracking.log_metrics({f"{name}_nfe{nfe}": row[name] for name in LOGGED if row[name] is not None})
             print(_summary(args.model, nfe, row), file=sys.stderr)
-        write_json(metrics(args.model), {
-            "model": args.model, "preset": cfg.preset, "rows": rows, "mlflow_run_id": run.info.run_id,
+        write_json(metrics(cfg, args.model), {
+            "model": args.model, "dataset": cfg.data.dataset, "preset": cfg.preset, "rows": rows,
+            "mlflow_run_id": run.info.run_id,
             "inception": inception.source, "mode": e.mode, "ref_images": reference["count"],
             "pr_ref_images": len(reference_features), "pr_k": e.pr_k,
             "training": _training_summary(cfg, args.model),

@@ -1,6 +1,6 @@
 """Import NVlabs' published EDM checkpoints (Karras et al., 2022) for CIFAR-10 as this pipeline's teacher.
 
-    python -m pipeline.import_edm edm-cifar10-32x32-uncond-ve.pkl --arch ncsnpp [--out checkpoints/teacher.pt]
+    python -m pipeline.import_edm edm-cifar10-32x32-uncond-ve.pkl --arch ncsnpp [--out checkpoints/cifar10/teacher.pt]
 
 Files: https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/ -- edm-cifar10-32x32-uncond-ve.pkl is NCSN++ (the
 paper's CIFAR-10 teacher, = params.yaml's network), edm-cifar10-32x32-uncond-vp.pkl is DDPM++. Both were trained
@@ -78,7 +78,7 @@ from pipeline.models import Denoiser, Preconditioned, atomic_save, build_model
 from pipeline.networks import SongUNet
 
 RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
-DEFAULT_OUT = "checkpoints/teacher.pt"
+DEFAULT_OUT = "checkpoints/cifar10/teacher.pt"
 
 # EDM's train.py settings per --arch (the SongUNet keywords that tell the families apart).
 EDM_ARCHS: dict[str, dict[str, Any]] = {

@@ -102,9 +102,13 @@ def training_distance(metric: str, paths: Lpips, device: torch.device) -> Distan
 
 def preflight(cfg: Config) -> None:
     """Fail before any job starts when a stage will need LPIPS weights that are absent."""
-    for stage, section in (("cd", cfg.cd), ("ct", cfg.ct)):
-        if section.metric == "lpips" and missing_weights(cfg.lpips):
+    users = [("cd", cfg.cd.metric), ("ct", cfg.ct.metric)]
+    for name in cfg.ablation.used_runs():
+        run = cfg.ablation.runs[name]
+        users.append((f"ablation.runs.{name}", run.get("metric", getattr(cfg, run["model"]).metric)))
+    for where, metric in users:
+        if metric == "lpips" and missing_weights(cfg.lpips):
             try:
                 require_weights(cfg.lpips)
             except LpipsWeightsMissing as e:
-                raise LpipsWeightsMissing(f"{stage}.{e}") from None
+                raise LpipsWeightsMissing(f"{where}.{e}") from None

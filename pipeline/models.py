@@ -19,7 +19,7 @@ from pipeline import cm
 from pipeline.data import atomic_write
 from pipeline.networks import build_network
 
-IMG_RESOLUTION, CHANNELS = 32, 3  # CIFAR-10
+IMG_RESOLUTION, CHANNELS = 32, 3  # CIFAR-10, and checkpoints written before the shape was stored
 
 
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
@@ -37,8 +37,15 @@ class Preconditioned(nn.Module):
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def label_dim(self) -> int:
+        return getattr(self.net, "label_dim", 0)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """class_labels: integer classes (B,) or one-hot rows (B, label_dim); None for unconditional networks."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        if class_labels is not None and class_labels.ndim == 1:
+            class_labels = nn.functional.one_hot(class_labels.long(), self.label_dim).to(x.dtype)
         c_skip, c_out, c_in = self.scalings(sigma)
         return c_skip * x + c_out * self.net(c_in * x, c_noise(sigma).flatten(), class_labels)
 
@@ -56,16 +63,24 @@ class ConsistencyModel(Preconditioned):
 MODEL_CLASS = {"teacher": Denoiser, "cd": ConsistencyModel, "ct": ConsistencyModel}
 
 
-def build_model(kind: str, network: dict, diffusion: dict, dropout: float) -> Preconditioned:
-    """A fresh teacher Denoiser or consistency model from the `network` and `diffusion` sections."""
+def build_model(kind: str, network: dict, diffusion: dict, dropout: float, resolution: int = IMG_RESOLUTION,
+                label_dim: int = 0) -> Preconditioned:
+    """A fresh teacher Denoiser or consistency model from the `network` and `diffusion` sections, for images
+    of resolution x resolution, conditioned on label_dim classes (0: unconditional)."""
     options = dict(network.get("options") or {})
     net = build_network(
-        network["arch"], IMG_RESOLUTION, CHANNELS, CHANNELS,
+        network["arch"], resolution, CHANNELS, CHANNELS, label_dim=label_dim,
         model_channels=network["model_channels"], channel_mult=tuple(network["channel_mult"]),
         num_blocks=network["num_blocks"], attn_resolutions=tuple(network["attn_resolutions"]),
         dropout=dropout, **options,
     )
     return MODEL_CLASS[kind](net, diffusion["sigma_data"], diffusion["sigma_min"])
+
+
+def model_for(kind: str, cfg: Any, dropout: float) -> Preconditioned:
+    """A fresh model of the configured network, dataset shape and class conditioning."""
+    return build_model(kind, cfg.raw["network"], cfg.raw["diffusion"], dropout, cfg.data.spec.resolution,
+                       cfg.data.label_dim)
 
 
 def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
@@ -96,7 +111,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weig
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (run the training stage first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = build_model(ckpt["kind"], ckpt["network"], ckpt["diffusion"], dropout=0.0)
+    shape = ckpt.get("shape", {})
+    model = build_model(ckpt["kind"], ckpt["network"], ckpt["diffusion"], dropout=0.0,
+                        resolution=shape.get("resolution", IMG_RESOLUTION), label_dim=shape.get("label_dim", 0))
     model.load_state_dict(ckpt[weights])
     return model.to(device).eval().requires_grad_(False)
 

@@ -1,11 +1,13 @@
-"""Stage prepare_data: CIFAR-10 into data/cifar10/{train,test}.npz (uint8) and a manifest.
+"""Stage prepare_data: a dataset into data/<dataset>/{train,test}_{images,labels}.npy and a manifest.
 
     python -m pipeline.prepare_data [--config params.yaml]
     CIFAR10_SOURCE=/path/to/cifar10-jpeg.tar.gz python -m pipeline.prepare_data
 
-data.source is 'torchvision' (the official download) or a local .tar.gz / folder laid out as
+CIFAR-10: data.source is 'torchvision' (the official download) or a local .tar.gz / folder laid out as
 <split>/<class>/<image> with split in {train, test}; the environment variable CIFAR10_SOURCE wins.
-The manifest records counts per class and the sha256 of each file.
+ImageNet 64 and LSUN: data.source is the folder of the raw download (pipeline.datasets says which files).
+Images are uint8 NHWC .npy files, written in a stream into a memory map (LSUN Bedroom is 590 GB), the
+training set in a fixed random order. The manifest records counts (per class for CIFAR-10) and sha256s.
 """
 
 from __future__ import annotations
@@ -24,16 +26,13 @@ from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, check_data_source, stage_cli
-from pipeline.data import save_split, write_json
-from pipeline.stages import DATA
+from pipeline.data import atomic_write, split_files, write_json
+from pipeline.datasets import RawSplit, SourceError, raw_splits
+from pipeline.stages import data_dir
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_FILE = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+\.(?:png|jpe?g|bmp))$", re.IGNORECASE)
 RESOLUTION = 32
-
-
-class SourceError(ValueError):
-    pass
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
@@ -91,21 +90,58 @@ def read_torchvision(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def read_source(source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_source(cfg: Config) -> dict[str, RawSplit]:
+    """The raw splits of the configured dataset, read from data.source."""
+    source, spec = cfg.data.source, cfg.data.spec
+    if spec.name != "cifar10":
+        return raw_splits(spec, Path(source).expanduser(), workers=cfg.data.workers)
     if source == "torchvision":
-        return read_torchvision(Path(DATA) / "download")
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise SourceError(f"data.source: {source} does not exist (give 'torchvision', a .tar.gz, or a folder "
-                          "of <split>/<class>/ images; the environment variable CIFAR10_SOURCE overrides it)")
-    return read_class_folders(path)
+        splits = read_torchvision(Path(data_dir(cfg)) / "download")
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise SourceError(f"data.source: {source} does not exist; {spec.download}")
+        splits = read_class_folders(path)
+    return {split: in_memory(images, labels) for split, (images, labels) in splits.items()}
 
 
-def shuffled_subset(images: np.ndarray, labels: np.ndarray, n: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The first n (all if None) of a fixed random permutation. Stored shuffled, so that any prefix of
-    the training set (e.g. evaluate.ref_images) is a random sample of it, the same on every machine."""
-    keep = np.random.default_rng(0).permutation(len(images))[:n]
-    return images[keep], labels[keep]
+def in_memory(images: np.ndarray, labels: np.ndarray) -> RawSplit:
+    return RawSplit(len(images), lambda: iter([(images, labels)]))
+
+
+def shuffled_slots(count: int) -> np.ndarray:
+    """slot[i]: where raw image i is stored. The training set is stored in a fixed random order, so that any
+    prefix of it (data.max_train, evaluate.ref_images) is a random sample, the same on every machine."""
+    order = np.random.default_rng(0).permutation(count)  # stored[j] = raw[order[j]]
+    slots = np.empty(count, np.int64)
+    slots[order] = np.arange(count)
+    return slots
+
+
+def write_split(folder: Path, split: str, raw: RawSplit, keep: int | None, shuffle: bool) -> np.ndarray:
+    """Stream a raw split into <split>_images.npy (a memory map, written atomically) and its labels; returns
+    the labels. With shuffle, raw image i goes to slot shuffled_slots[i]; slots >= keep are dropped."""
+    slots = shuffled_slots(raw.count) if shuffle else np.arange(raw.count)
+    kept = raw.count if keep is None else min(keep, raw.count)
+    labels = np.zeros(kept, np.int64)
+    image_path, label_path = split_files(folder, split)
+    with atomic_write(image_path) as tmp:
+        images, start = None, 0
+        for chunk, chunk_labels in tqdm(raw.chunks(), desc=f"writing {split}", unit="chunk", mininterval=1):
+            if images is None:
+                images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(kept, *chunk.shape[1:]))
+            where = slots[start:start + len(chunk)]
+            inside = where < kept
+            images[where[inside]] = chunk[inside]
+            labels[where[inside]] = chunk_labels[inside]
+            start += len(chunk)
+        if start != raw.count:
+            raise SourceError(f"{split}: expected {raw.count} images, read {start}")
+        images.flush()
+        del images
+    with atomic_write(label_path) as tmp:
+        np.save(tmp, labels)
+    return labels
 
 
 def sha256(path: Path) -> str:
@@ -117,18 +153,21 @@ def sha256(path: Path) -> str:
 
 
 def prepare(cfg: Config) -> dict:
-    splits = read_source(cfg.data.source)
-    splits["train"] = shuffled_subset(*splits["train"], cfg.data.max_train)
-    manifest = {"dataset": cfg.data.dataset, "source": cfg.data.source, "resolution": RESOLUTION,
-                "classes": list(CLASSES), "splits": {}}
-    for split, (images, labels) in splits.items():
-        path = Path(DATA) / f"{split}.npz"
-        save_split(path, images, labels)
-        manifest["splits"][split] = {
-            "file": path.name, "count": int(len(images)), "sha256": sha256(path),
-            "per_class": {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)},
-        }
-    write_json(Path(DATA) / "manifest.json", manifest)
+    spec, folder = cfg.data.spec, Path(data_dir(cfg))
+    manifest = {"dataset": spec.name, "source": cfg.data.source, "resolution": spec.resolution,
+                "num_classes": spec.num_classes, "splits": {}}
+    if spec.name == "cifar10":
+        manifest["classes"] = list(CLASSES)
+    for split, raw in read_source(cfg).items():
+        train = split == "train"
+        labels = write_split(folder, split, raw, cfg.data.max_train if train else None, shuffle=train)
+        entry = {"count": int(len(labels)), "raw_count": raw.count}
+        for path in split_files(folder, split):
+            entry[path.name] = sha256(path)
+        if spec.name == "cifar10":
+            entry["per_class"] = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
+        manifest["splits"][split] = entry
+    write_json(folder / "manifest.json", manifest)
     return manifest
 
 
@@ -144,9 +183,9 @@ def main() -> None:
         except SourceError as e:
             sys.exit(f"error: {e}")
         tracking.log_metrics({f"{s}_images": v["count"] for s, v in manifest["splits"].items()})
-        tracking.log_artifact(Path(DATA) / "manifest.json")
+        tracking.log_artifact(Path(data_dir(cfg)) / "manifest.json")
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
-    print(f"wrote {DATA}: {counts}", file=sys.stderr)
+    print(f"wrote {data_dir(cfg)}: {counts}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pipeline import tracking
 from pipeline.config import stage_cli
 from pipeline.data import atomic_write, load_split
 from pipeline.metrics import InceptionFeatures, feature_statistics, save_reference_stats
-from pipeline.stages import DATA, REF_FEATURES, REF_STATS
+from pipeline.stages import data_dir, ref_features, ref_stats
 from pipeline.training import setup_torch
 
 
@@ -42,8 +42,8 @@ def main() -> None:
     cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     e = cfg.evaluate
-    images, _ = load_split(f"{DATA}/train.npz")
-    images = images[: e.ref_images] if e.ref_images else images
+    images, _ = load_split(data_dir(cfg), "train")
+    images = images[: e.ref_images] if e.ref_images else images  # stored shuffled: a prefix is a random sample
     kept = feature_count(e.pr_ref_images, len(images))
     with tracking.stage_run("reference_stats", cfg):
         try:
@@ -52,11 +52,11 @@ def main() -> None:
             sys.exit(f"error: evaluate.inception: {err}")
         features = inception(images)
         mu, sigma = feature_statistics(features.pool)
-        save_reference_stats(REF_STATS, mu, sigma, count=len(images), mode=e.mode, inception=inception.source,
+        save_reference_stats(ref_stats(cfg), mu, sigma, count=len(images), mode=e.mode, inception=inception.source,
                              feature_count=kept)
-        save_features(REF_FEATURES, features.pool[:kept])
+        save_features(ref_features(cfg), features.pool[:kept])
         tracking.log_metrics({"ref_images": len(images), "pr_ref_images": kept})
-    print(f"wrote {REF_STATS} from {len(images)} training images and {REF_FEATURES} from the first {kept} "
+    print(f"wrote {ref_stats(cfg)} from {len(images)} training images and {ref_features(cfg)} from the first {kept} "
           f"({inception.source})", file=sys.stderr)
 
 

@@ -3,13 +3,16 @@
     python -m pipeline.sample --model cd [--config params.yaml]
 
 teacher: EDM's Heun sampler with sample.teacher_steps noise levels (2 * steps - 1 NFE).
-cd, ct:  multistep consistency sampling (paper Alg. 1), once per schedule in sample.{cd,ct}_schedules.
-Every schedule starts from the same noise, so the grids compare like with like. Writes
-samples/<model>.npz (keys nfe1, nfe2, ...) and results/figures/samples_<model>.png.
+cd, ct:  multistep consistency sampling (paper Alg. 1), once per schedule in sample.{cd,ct}_schedules; the
+         time 'search' is the one the search_<model> stage found (results/metrics/<dataset>/two_step_<model>.json).
+Every schedule starts from the same noise (and, for class-conditional models, the same uniformly drawn
+labels), so the grids compare like with like. Writes samples/<dataset>/<model>.npz (keys nfe1, nfe2, ...,
+labels, and sigmas_nfe1, ...) and results/figures/<dataset>/samples_<model>.png.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -23,8 +26,16 @@ from pipeline import cm, tracking
 from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, save_arrays, to_uint8
 from pipeline.models import load_model
-from pipeline.stages import MODELS, checkpoint, samples
+from pipeline.stages import MODELS, checkpoint, figure, samples, two_step
 from pipeline.training import setup_torch
+
+
+def searched_time(cfg: Config, model: str) -> float:
+    """The 2-step intermediate time the search_<model> stage wrote."""
+    path = Path(two_step(cfg, model))
+    if not path.is_file():
+        sys.exit(f"error: {path}: missing; run the search_{model} stage (sample.{model}_schedules names 'search')")
+    return float(json.loads(path.read_text())["sigma"])
 
 
 def schedules(cfg: Config, model: str) -> dict[int, list[float]]:
@@ -33,25 +44,39 @@ def schedules(cfg: Config, model: str) -> dict[int, list[float]]:
     if model == "teacher":
         steps = cfg.sample.teacher_steps
         return {2 * steps - 1: cm.karras_sigmas(steps, d.sigma_min, d.sigma_max, d.rho).tolist()}
-    return {len(s): s for s in getattr(cfg.sample, f"{model}_schedules")}
+    out = {}
+    for schedule in getattr(cfg.sample, f"{model}_schedules"):
+        out[len(schedule)] = [searched_time(cfg, model) if t == "search" else t for t in schedule]
+    return out
 
 
-def generate(model: torch.nn.Module, kind: str, sigmas: list[float], cfg: Config, device: torch.device) -> np.ndarray:
-    """cfg.sample.num_samples images (uint8 NHWC); batch b starts from the noise of seed (seed, b)."""
-    s = cfg.sample
+def class_labels(num_samples: int, label_dim: int, seed: int) -> np.ndarray | None:
+    """Uniformly drawn classes for a class-conditional model (None if unconditional), fixed by the seed."""
+    if label_dim == 0:
+        return None
+    return np.random.default_rng(seed).integers(0, label_dim, num_samples)
+
+
+def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples: int, batch: int, seed: int,
+             device: torch.device, sigma_min: float = 0.002, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """num_samples images (uint8 NHWC) and their labels; batch b starts from the noise of seed (seed, b)."""
+    resolution = model.net.img_resolution
+    labels = class_labels(num_samples, model.label_dim, seed)
     out = []
-    batches = tqdm(range(0, s.num_samples, s.batch), desc=f"{kind}, {len(sigmas)} sigmas", unit="batch")
+    batches = tqdm(range(0, num_samples, batch), desc=f"{kind}, {len(sigmas)} sigmas", unit="batch",
+                   disable=not progress)
     for b, start in enumerate(batches):
-        n = min(s.batch, s.num_samples - start)
-        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + b)
-        x_T = (torch.randn(n, 3, 32, 32, generator=generator) * sigmas[0]).to(device)
+        n = min(batch, num_samples - start)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        x_T = (torch.randn(n, 3, resolution, resolution, generator=generator) * sigmas[0]).to(device)
+        y = None if labels is None else torch.as_tensor(labels[start:start + n], device=device)
+        f = model if y is None else (lambda x, sigma, y=y: model(x, sigma, y))
         if kind == "teacher":
-            x = cm.heun_sample(model, x_T, torch.tensor(sigmas))
+            x = cm.heun_sample(f, x_T, torch.tensor(sigmas))
         else:
-            x = cm.multistep_sample(model, x_T, sigmas, generator=generator.manual_seed(s.seed + b + 1),
-                                    sigma_min=cfg.diffusion.sigma_min)
+            x = cm.multistep_sample(f, x_T, sigmas, generator=generator.manual_seed(seed + b + 1), sigma_min=sigma_min)
         out.append(to_uint8(x.cpu()))
-    return np.concatenate(out)
+    return np.concatenate(out), (labels if labels is not None else np.zeros(num_samples, np.int64))
 
 
 def save_grid(images: dict[int, np.ndarray], count: int, path: Path, title: str) -> None:
@@ -65,34 +90,38 @@ def save_grid(images: dict[int, np.ndarray], count: int, path: Path, title: str)
     fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4.4), squeeze=False)
     for ax, (nfe, batch) in zip(axes[0], sorted(images.items())):
         tiles = batch[: side * side]
+        res = tiles.shape[1]
         tiles = np.concatenate([tiles, np.zeros((side * side - len(tiles), *tiles.shape[1:]), np.uint8)])
-        grid = tiles.reshape(side, side, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(side * 32, side * 32, 3)
+        grid = tiles.reshape(side, side, res, res, 3).transpose(0, 2, 1, 3, 4).reshape(side * res, side * res, 3)
         ax.imshow(grid, interpolation="nearest")
         ax.set_title(f"{title}, NFE {nfe}")
         ax.axis("off")
     fig.tight_layout()
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100 if side * res <= 400 else 200)
     plt.close(fig)
 
 
 def main() -> None:
     cfg, args = stage_cli(__doc__, MODELS)
     device = setup_torch(cfg)
-    model = load_model(checkpoint(args.model), device)
+    model = load_model(checkpoint(cfg, args.model), device)
+    s = cfg.sample
     with tracking.stage_run(f"sample_{args.model}", cfg, tags={"model": args.model}):
-        images = {}
+        images, arrays = {}, {}
         for nfe, sigmas in schedules(cfg, args.model).items():
             start = time.perf_counter()
-            images[nfe] = generate(model, args.model, sigmas, cfg, device)
+            images[nfe], labels = generate(model, args.model, sigmas, s.num_samples, s.batch, s.seed, device,
+                                           cfg.diffusion.sigma_min)
             seconds = time.perf_counter() - start
+            arrays[f"sigmas_nfe{nfe}"] = np.asarray(sigmas, np.float64)
             tracking.log_metrics({f"nfe{nfe}_img_per_s": len(images[nfe]) / seconds})
             print(f"{args.model}: {len(images[nfe])} samples at NFE {nfe} in {seconds:.1f} s", file=sys.stderr)
-        save_arrays(samples(args.model), **{f"nfe{nfe}": x for nfe, x in images.items()})
-        figure = Path(f"results/figures/samples_{args.model}.png")
+        save_arrays(samples(cfg, args.model), labels=labels, **arrays, **{f"nfe{nfe}": x for nfe, x in images.items()})
+        path = Path(figure(cfg, f"samples_{args.model}"))
         title = {"teacher": "EDM teacher (Heun)"}.get(args.model, args.model.upper())
-        save_grid(images, cfg.sample.grid, figure, title)
-        tracking.log_artifact(figure)
+        save_grid(images, s.grid, path, title)
+        tracking.log_artifact(path)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,16 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config, ConfigError, add_arguments, from_args
+from pipeline.data import split_files
 
-DATA = "data/cifar10"
-REF_STATS = f"{DATA}/fid_ref.npz"  # Inception mu, sigma of the training set (FID)
-REF_FEATURES = f"{DATA}/ref_features.npy"  # pool features of a subset of it (KID, precision/recall)
 MODELS = ("teacher", "cd", "ct")
 TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct"}
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]
 TRAIN_CODE = CORE + ["pipeline/training.py", "pipeline/tracking.py", "pipeline/data.py"]
+EVAL_CODE = ["pipeline/metrics.py", "pipeline/evaluate.py"]
+TABLES = ["results/tables/table1.csv", "results/tables/table1.md", "results/tables/table2.csv",
+          "results/tables/table2.md"]
+EDIT_TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
 
 
 @dataclass(frozen=True)
@@ -39,83 +41,159 @@ class Stage:
         return json.dumps({key: cfg.section(key) for key in self.params}, sort_keys=True)
 
 
-def checkpoint(model: str) -> str:
-    return f"checkpoints/{model}.pt"
+# Every path carries the dataset, so runs of several presets can share a workspace.
+def data_dir(cfg: Config) -> str:
+    return f"data/{cfg.data.dataset}"
 
 
-def loss_figure(model: str) -> str:
-    return f"results/figures/loss_{model}.png"
+def split_paths(cfg: Config, split: str) -> list[str]:
+    return [str(p) for p in split_files(data_dir(cfg), split)]
 
 
-def samples(model: str) -> str:
-    return f"samples/{model}.npz"
+def ref_stats(cfg: Config) -> str:
+    """Inception mu, sigma of the training set (FID), cached per dataset (and so per resolution)."""
+    return f"{data_dir(cfg)}/fid_ref.npz"
 
 
-def metrics(model: str) -> str:
-    return f"results/metrics/{model}.json"
+def ref_features(cfg: Config) -> str:
+    """Pool features of a subset of the training set (KID, precision/recall)."""
+    return f"{data_dir(cfg)}/ref_features.npy"
 
 
-TABLES = ["results/tables/table1.csv", "results/tables/table1.md"]
-EDIT_TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
+def checkpoint(cfg: Config, model: str) -> str:
+    return f"checkpoints/{cfg.data.dataset}/{model}.pt"
 
 
-def edit_outputs(model: str) -> list[str]:
-    return [f"results/figures/editing_{task}.png" for task in EDIT_TASKS] + [f"results/metrics/editing_{model}.json"]
+def figure(cfg: Config, name: str) -> str:
+    return f"results/figures/{cfg.data.dataset}/{name}.png"
+
+
+def loss_figure(cfg: Config, model: str) -> str:
+    return figure(cfg, f"loss_{model}")
+
+
+def samples(cfg: Config, model: str) -> str:
+    return f"samples/{cfg.data.dataset}/{model}.npz"
+
+
+def metrics(cfg: Config, model: str) -> str:
+    return f"results/metrics/{cfg.data.dataset}/{model}.json"
+
+
+def two_step(cfg: Config, model: str) -> str:
+    """The searched 2-step intermediate time of a consistency model."""
+    return f"results/metrics/{cfg.data.dataset}/two_step_{model}.json"
+
+
+def ablation_result(cfg: Config, run: str) -> str:
+    return f"results/ablations/{cfg.data.dataset}/{run}.json"
+
+
+def ablation_checkpoint(cfg: Config, run: str) -> str:
+    return f"checkpoints/{cfg.data.dataset}/ablations/{run}.pt"
+
+
+def figure3(cfg: Config) -> list[str]:
+    return [figure(cfg, f"figure3_{panel}") for panel in cfg.ablation.panels]
+
+
+def edit_outputs(cfg: Config, model: str) -> list[str]:
+    return [figure(cfg, f"editing_{task}") for task in EDIT_TASKS] + [metrics(cfg, f"editing_{model}")]
+
+
+def searched(cfg: Config, model: str) -> bool:
+    """Does some sampling schedule of this model use the searched 2-step time?"""
+    return model != "teacher" and any("search" in s for s in getattr(cfg.sample, f"{model}_schedules"))
+
+
+def teacher_stage(cfg: Config) -> Stage:
+    """Train the EDM teacher, or import NVlabs' published one (teacher.source)."""
+    if cfg.teacher.source == "import":
+        return Stage("import_teacher",
+                     f"python -m pipeline.import_edm {cfg.teacher.edm_pickle} --arch {cfg.network.arch} "
+                     f"--out {checkpoint(cfg, 'teacher')}",
+                     [cfg.teacher.edm_pickle, "pipeline/import_edm.py"] + CORE,
+                     [checkpoint(cfg, "teacher")], ["teacher.edm_pickle", "network.arch"], "prepare_data")
+    return Stage("train_teacher", "python -m pipeline.train_teacher",
+                 split_paths(cfg, "train") + ["pipeline/train_teacher.py"] + TRAIN_CODE,
+                 [checkpoint(cfg, "teacher"), loss_figure(cfg, "teacher")],
+                 ["run.seed", "run.mixed_precision", "data", "diffusion", "network", "teacher"], "train_teacher")
 
 
 def stages(cfg: Config) -> list[Stage]:
     """All stages for a resolved config (CT depends on the teacher only when it starts from it)."""
+    train = split_paths(cfg, "train")
+    data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional"]
+    train_params = ["run.seed", "run.mixed_precision", "data", "diffusion", "network"]
+    refs = [ref_stats(cfg), ref_features(cfg)]
+    teacher = [checkpoint(cfg, "teacher")]
     out = [
         Stage("prepare_data", "python -m pipeline.prepare_data",
-              ["pipeline/prepare_data.py", "pipeline/data.py", "pipeline/config.py"],
-              [f"{DATA}/train.npz", f"{DATA}/test.npz", f"{DATA}/manifest.json"],
-              ["data.dataset", "data.source", "data.max_train"], "prepare_data"),
+              ["pipeline/prepare_data.py", "pipeline/datasets.py", "pipeline/data.py", "pipeline/config.py"],
+              train + split_paths(cfg, "test") + [f"{data_dir(cfg)}/manifest.json"], data_params, "prepare_data"),
         Stage("reference_stats", "python -m pipeline.reference_stats",
-              [f"{DATA}/train.npz", "pipeline/reference_stats.py", "pipeline/metrics.py"],
-              [REF_STATS, REF_FEATURES],
-              ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"], "evaluate"),
-        Stage("train_teacher", "python -m pipeline.train_teacher",
-              [f"{DATA}/train.npz", "pipeline/train_teacher.py"] + TRAIN_CODE,
-              [checkpoint("teacher"), loss_figure("teacher")],
-              ["run.seed", "data.hflip", "diffusion", "network", "teacher"], "train_teacher"),
+              train + ["pipeline/reference_stats.py", "pipeline/metrics.py"], refs,
+              data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"],
+              "evaluate"),
+        teacher_stage(cfg),
         Stage("distill_cd", "python -m pipeline.distill_cd",
-              [f"{DATA}/train.npz", checkpoint("teacher"), "pipeline/distill_cd.py", "pipeline/lpips.py"]
-              + TRAIN_CODE,
-              [checkpoint("cd"), loss_figure("cd")],
-              ["run.seed", "data.hflip", "diffusion", "network", "cd", "lpips"], "distill_cd"),
+              train + teacher + ["pipeline/distill_cd.py", "pipeline/lpips.py"] + TRAIN_CODE,
+              [checkpoint(cfg, "cd"), loss_figure(cfg, "cd")], train_params + ["cd", "lpips"], "distill_cd"),
         Stage("train_ct", "python -m pipeline.train_ct",
-              [f"{DATA}/train.npz"] + ([checkpoint("teacher")] if cfg.ct.init_from_teacher else [])
-              + ["pipeline/train_ct.py", "pipeline/lpips.py"] + TRAIN_CODE,
-              [checkpoint("ct"), loss_figure("ct")],
-              ["run.seed", "data.hflip", "diffusion", "network", "ct", "lpips"], "train_ct"),
+              train + (teacher if cfg.ct.init_from_teacher else []) + ["pipeline/train_ct.py", "pipeline/lpips.py"]
+              + TRAIN_CODE,
+              [checkpoint(cfg, "ct"), loss_figure(cfg, "ct")], train_params + ["ct", "lpips"], "train_ct"),
     ]
+    sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid"]
+    for model in ("cd", "ct"):
+        if searched(cfg, model):
+            out.append(Stage(f"search_{model}", f"python -m pipeline.search_two_step --model {model}",
+                             [checkpoint(cfg, model)] + refs + ["pipeline/search_two_step.py", "pipeline/sample.py"]
+                             + EVAL_CODE + CORE,
+                             [two_step(cfg, model), figure(cfg, f"two_step_{model}")],
+                             ["diffusion", "search", "cd.N" if model == "cd" else "ct.s1", "sample.batch",
+                              "evaluate.mode", "evaluate.inception"], "evaluate"))
     sampler_params = {"teacher": "sample.teacher_steps", "cd": "sample.cd_schedules", "ct": "sample.ct_schedules"}
     for model in MODELS:
         out.append(Stage(f"sample_{model}", f"python -m pipeline.sample --model {model}",
-                         [checkpoint(model), "pipeline/sample.py"] + CORE,
-                         [samples(model), f"results/figures/samples_{model}.png"],
-                         ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid",
-                          sampler_params[model]], "sample"))
+                         [checkpoint(cfg, model)] + ([two_step(cfg, model)] if searched(cfg, model) else [])
+                         + ["pipeline/sample.py"] + CORE,
+                         [samples(cfg, model), figure(cfg, f"samples_{model}")],
+                         sample_params + [sampler_params[model]], "sample"))
     for model in MODELS:
         out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
-                         [samples(model), REF_STATS, REF_FEATURES, "pipeline/evaluate.py", "pipeline/metrics.py"],
-                         [metrics(model)],
+                         [samples(cfg, model)] + refs + EVAL_CODE, [metrics(cfg, model)],
                          ["evaluate.pr_k", "evaluate.mode", "evaluate.inception"], "evaluate"))
     out.append(Stage("tables", "python -m pipeline.tables",
-                     [metrics(m) for m in MODELS] + ["pipeline/tables.py"],
-                     TABLES, [], "tables"))
+                     [metrics(cfg, m) for m in MODELS] + ["pipeline/tables.py"], TABLES, ["data.dataset"], "tables"))
     edited = cfg.edit.model
     out.append(Stage(f"edit_{edited}", "python -m pipeline.edit",
-                     [checkpoint(edited), f"{DATA}/test.npz", REF_STATS, "pipeline/edit.py",
+                     [checkpoint(cfg, edited)] + split_paths(cfg, "test") + [ref_stats(cfg), "pipeline/edit.py",
                       "pipeline/editing.py", "pipeline/metrics.py", "pipeline/data.py"] + CORE,
-                     edit_outputs(edited),
+                     edit_outputs(cfg, edited),
                      ["diffusion", "edit", "evaluate.mode", "evaluate.inception"], "sample"))
+    runs = cfg.ablation.used_runs()
+    for run in runs:
+        model = cfg.ablation.runs[run]["model"]
+        needs_teacher = model == "cd" or cfg.ct.init_from_teacher
+        out.append(Stage(f"ablate_{run}", f"python -m pipeline.ablation --run {run}",
+                         train + (teacher if needs_teacher else []) + refs
+                         + ["pipeline/ablation.py", f"pipeline/{TRAIN_STAGE[model]}.py", "pipeline/lpips.py"]
+                         + TRAIN_CODE + EVAL_CODE,
+                         [ablation_result(cfg, run), ablation_checkpoint(cfg, run)],
+                         train_params + [model, "lpips", f"ablation.runs.{run}", "ablation.iterations",
+                                         "ablation.eval_every", "ablation.num_samples", "sample.batch",
+                                         "evaluate.mode", "evaluate.inception"], TRAIN_STAGE[model]))
+    if runs:
+        out.append(Stage("figure3", "python -m pipeline.ablation --figure",
+                         [ablation_result(cfg, run) for run in runs] + ["pipeline/ablation.py"], figure3(cfg),
+                         ["ablation.panels"], "tables"))
     return out
 
 
 def targets(cfg: Config) -> list[str]:
-    """What `snakemake` with no target builds: the table and the editing figures."""
-    return TABLES + edit_outputs(cfg.edit.model)
+    """What `snakemake` with no target builds: the tables and the editing figures (Figure 3: target figure3)."""
+    return TABLES + edit_outputs(cfg, cfg.edit.model)
 
 
 def dvc_yaml(cfg: Config, params_file: dict) -> str:
@@ -123,15 +201,16 @@ def dvc_yaml(cfg: Config, params_file: dict) -> str:
     doc: dict = {"stages": {}}
     presets = params_file.get("presets", {}) or {}
     for stage in stages(cfg):
-        tracked = ["preset"]
+        tracked = ["preset"] + (["follow"] if "follow" in params_file else [])
         for key in stage.params:
             tracked.append(key)
             for name, body in presets.items():
-                node = body or {}
-                for part in key.split("."):
-                    node = node.get(part) if isinstance(node, dict) else None
-                if node is not None:
-                    tracked.append(f"presets.{name}.{key}")
+                for where, block in ((f"presets.{name}", body), (f"presets.{name}.code", (body or {}).get("code"))):
+                    node = block or {}
+                    for part in key.split("."):
+                        node = node.get(part) if isinstance(node, dict) else None
+                    if node is not None:
+                        tracked.append(f"{where}.{key}")
         doc["stages"][stage.name] = {"cmd": stage.cmd, "deps": stage.deps, "params": tracked, "outs": stage.outs}
     header = (f"# Generated by `python -m pipeline.stages --dvc` from pipeline/stages.py for preset '{cfg.preset}'.\n"
               "# Do not edit: change pipeline/stages.py or params.yaml, then regenerate (make dvc.yaml).\n")

@@ -9,21 +9,24 @@ N(k) and target rate mu(k) follow the adaptive schedule of Appendix C (pipeline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import Any
 
 import torch
 
 from pipeline import cm
-from pipeline.config import stage_cli
+from pipeline.config import Config, ConsistencyTraining, stage_cli
 from pipeline.lpips import training_distance
-from pipeline.models import build_model, ema_update, frozen_copy, load_model
+from pipeline.models import ema_update, frozen_copy, load_model, model_for
 from pipeline.stages import checkpoint
 from pipeline.training import Training, setup_torch
 
 
 def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Tensor,
-            distance: Callable) -> torch.Tensor:
+            distance: Callable, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 3, one batch: d(f_theta(x + t z, t), f_theta-(x + t2 z, t2)) with the same z."""
+    if labels is not None:
+        model, target = partial(model, class_labels=labels), partial(target, class_labels=labels)
     n = torch.randint(0, len(sigmas) - 1, (x.shape[0],), device=x.device)
     t, t2 = sigmas[n], sigmas[n + 1]
     shape = (-1, *[1] * (x.ndim - 1))
@@ -33,35 +36,43 @@ def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Te
     return distance(model(x + t.reshape(shape) * z, t), target_out).mean()
 
 
-def main() -> None:
-    cfg, _ = stage_cli(__doc__)
-    device = setup_torch(cfg)
-    c, d = cfg.ct, cfg.diffusion
-    distance = training_distance(c.metric, cfg.lpips, device)
-    model = build_model("ct", cfg.raw["network"], cfg.raw["diffusion"], dropout=c.dropout)
-    if c.init_from_teacher:
-        model.net.load_state_dict(load_model(checkpoint("teacher")).net.state_dict())
-    target = frozen_copy(model).to(device)
-    training = Training("ct", cfg, c, model, device, optimizer=c.optimizer, extra={"target": target})
+def schedule(c: ConsistencyTraining, step: int) -> tuple[int, float]:
+    """(N, mu) at a step: the adaptive curriculum of App. C, or fixed N = s1 + 1 and mu = mu0."""
+    if c.schedule == "fixed":
+        return c.s1 + 1, c.mu0
+    return cm.ct_schedule(step, c.iterations, c.s0, c.s1, c.mu0, variant=c.schedule)
 
-    def schedule(step: int) -> tuple[int, float]:
-        if c.schedule == "fixed":
-            return c.s1 + 1, c.mu0
-        return cm.ct_schedule(step, c.iterations, c.s0, c.s1, c.mu0, variant=c.schedule)
+
+def trainer(cfg: Config, c: ConsistencyTraining, device: torch.device, **training_args: Any) -> tuple[Training, dict]:
+    """The Training of Algorithm 3 for the section `c` and the arguments of its fit()."""
+    d = cfg.diffusion
+    distance = training_distance(c.metric, cfg.lpips, device)
+    model = model_for("ct", cfg, c.dropout)
+    if c.init_from_teacher:
+        model.net.load_state_dict(load_model(checkpoint(cfg, "teacher")).net.state_dict())
+    target = frozen_copy(model).to(device)
+    training = Training("ct", cfg, c, model, device, optimizer=c.optimizer, extra={"target": target},
+                        **training_args)
 
     @lru_cache(maxsize=4)
     def grid(n: int) -> torch.Tensor:
         return cm.karras_sigmas(n, d.sigma_min, d.sigma_max, d.rho).to(device)
 
-    def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        n_steps, mu = schedule(step)
-        return ct_loss(training.model, target, x, grid(n_steps), distance), {"N": n_steps, "mu": mu}
+    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        n_steps, mu = schedule(c, step)
+        return ct_loss(training.model, target, x, grid(n_steps), distance, labels), {"N": n_steps, "mu": mu}
 
     def after_step(step: int) -> dict:
-        ema_update(target, training.model, schedule(step)[1])
+        ema_update(target, training.model, schedule(c, step)[1])
         return {}
 
-    training.fit(loss_fn, lambda step: c.ema, after_step=after_step)
+    return training, {"loss_fn": loss_fn, "ema_rate": lambda step: c.ema, "after_step": after_step}
+
+
+def main() -> None:
+    cfg, _ = stage_cli(__doc__)
+    training, fit_args = trainer(cfg, cfg.ct, setup_torch(cfg))
+    training.fit(**fit_args)
 
 
 if __name__ == "__main__":

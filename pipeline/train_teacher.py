@@ -11,15 +11,16 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import stage_cli
-from pipeline.models import Denoiser, build_model
+from pipeline.models import Denoiser, model_for
 from pipeline.training import Training, setup_torch
 
 
-def edm_loss(denoiser: Denoiser, x: torch.Tensor, p_mean: float, p_std: float, sigma_data: float) -> torch.Tensor:
+def edm_loss(denoiser: Denoiser, x: torch.Tensor, p_mean: float, p_std: float, sigma_data: float,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
     """E[lambda(sigma) ||D(x + sigma n, sigma) - x||^2], ln sigma ~ N(p_mean, p_std^2) (EDM eq. 8)."""
     sigma = (torch.randn(x.shape[0], device=x.device) * p_std + p_mean).exp().reshape(-1, 1, 1, 1)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # lambda(sigma), EDM Table 1
-    denoised = denoiser(x + sigma * torch.randn_like(x), sigma.flatten())
+    denoised = denoiser(x + sigma * torch.randn_like(x), sigma.flatten(), labels)
     return (weight * (denoised - x).square()).mean()
 
 
@@ -35,12 +36,11 @@ def main() -> None:
     cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     t = cfg.teacher
-    model = build_model("teacher", cfg.raw["network"], cfg.raw["diffusion"], dropout=t.dropout)
-    training = Training("teacher", cfg, t, model, device, optimizer="adam")
+    training = Training("teacher", cfg, t, model_for("teacher", cfg, t.dropout), device, optimizer="adam")
     sigma_data = cfg.diffusion.sigma_data
 
-    def loss_fn(step: int, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return edm_loss(training.model, x, t.p_mean, t.p_std, sigma_data), {}
+    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        return edm_loss(training.model, x, t.p_mean, t.p_std, sigma_data, labels), {}
 
     def lr_at(step: int) -> float:
         return t.lr * min((step + 1) * t.batch / max(t.lr_rampup_kimg * 1000, 1e-8), 1.0)

@@ -8,6 +8,7 @@ every `checkpoint_every` steps and on SIGTERM/SIGINT; a re-run with the same par
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -24,9 +25,10 @@ from pipeline import tracking
 from pipeline.config import Config
 from pipeline.data import Batches, atomic_write, load_split
 from pipeline.models import atomic_save, ema_update, frozen_copy
-from pipeline.stages import DATA, TRAIN_STAGE, checkpoint, loss_figure, stages
+from pipeline.stages import TRAIN_STAGE, checkpoint, data_dir, loss_figure, stages
 
-LossFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, dict]]  # (step, batch) -> (loss, extra logs)
+# (step, images, labels or None) -> (loss, extra logs); labels are None for unconditional models
+LossFn = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,33 +52,48 @@ class _Interrupted(Exception):
 
 class Training:
     """Trains `model` (online weights) and keeps `ema` (the evaluated weights); `extra` holds further
-    modules whose state must survive a resume (the target network of CD and CT)."""
+    modules whose state must survive a resume (the target network of CD and CT). `stage` and `output` default
+    to the model's training stage and checkpoint (the ablation runs name their own)."""
 
     def __init__(self, kind: str, cfg: Config, section, model: nn.Module, device: torch.device,
-                 optimizer: str = "adam", extra: dict[str, nn.Module] | None = None):
+                 optimizer: str = "adam", extra: dict[str, nn.Module] | None = None, stage: str | None = None,
+                 output: str | None = None, tags: dict | None = None):
         self.kind, self.cfg, self.section, self.device = kind, cfg, section, device
-        self.stage = next(s for s in stages(cfg) if s.name == TRAIN_STAGE[kind])
-        self.output = Path(checkpoint(kind))
+        self.stage = next(s for s in stages(cfg) if s.name == (stage or TRAIN_STAGE[kind]))
+        self.output = Path(output or checkpoint(cfg, kind))
         self.resume_path = self.output.with_suffix(".resume.pt")
+        self.tags = {"model": kind, **(tags or {})}
+        # Autocast on CUDA only: CPU runs (tests, the demo) stay in fp32 whatever the preset asks.
+        precision = cfg.run.mixed_precision if device.type == "cuda" else "none"
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         self.model = model.to(device).train()
         self.ema = frozen_copy(self.model)
         self.extra = extra or {}
         opt_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[optimizer]
         self.optimizer = opt_class(self.model.parameters(), lr=section.lr)
-        images, _ = load_split(f"{DATA}/train.npz")
-        self.batches = Batches(images, section.batch, cfg.data.hflip, seed=cfg.run.seed)
-        self.step, self.history, self.run_id = 0, [], None
+        images, labels = load_split(data_dir(cfg), "train")
+        self.conditional = cfg.data.label_dim > 0
+        self.batches = Batches(images, labels, section.batch, cfg.data.hflip, seed=cfg.run.seed)
+        self.step, self.history, self.evaluations, self.run_id = 0, [], [], None
         self.fingerprint = self.stage.param_values(cfg)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.autocast_dtype)
 
     # ---------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "kind": self.kind, "step": self.step, "fingerprint": self.fingerprint,
             "network": self.cfg.raw["network"], "diffusion": self.cfg.raw["diffusion"], "config": self.cfg.raw,
+            "shape": {"resolution": self.cfg.data.spec.resolution, "label_dim": self.cfg.data.label_dim},
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "extra": {name: m.state_dict() for name, m in self.extra.items()},
-            "optimizer": self.optimizer.state_dict(), "batches": self.batches.state_dict(),
-            "torch_rng": torch.get_rng_state(), "history": self.history, "mlflow_run_id": self.run_id,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "batches": self.batches.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
+            "evaluations": self.evaluations, "mlflow_run_id": self.run_id,
         }
 
     def try_resume(self) -> None:
@@ -91,9 +108,11 @@ class Training:
         for name, module in self.extra.items():
             module.load_state_dict(state["extra"][name])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler", {}))
         self.batches.load_state_dict(state["batches"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history, self.run_id = state["step"], state["history"], state["mlflow_run_id"]
+        self.evaluations = state.get("evaluations", [])
         print(f"resuming {self.kind} from step {self.step} ({self.resume_path})", file=sys.stderr)
 
     # ---------------------------------------------------------------------------------------------
@@ -106,23 +125,26 @@ class Training:
         interrupted = []
         previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-        with tracking.stage_run(self.stage.name, self.cfg, run_id=self.run_id, tags={"model": self.kind}) as run:
+        with tracking.stage_run(self.stage.name, self.cfg, run_id=self.run_id, tags=self.tags) as run:
             self.run_id = run.info.run_id
             bar = tqdm(total=total, initial=self.step, desc=self.stage.name, unit="step", mininterval=1,
                        dynamic_ncols=True)
             window_start, window_images, losses = time.perf_counter(), 0, []
             try:
                 while self.step < total:
-                    x = self.batches.next().to(self.device)
+                    x, labels = self.batches.next()
+                    x, labels = x.to(self.device), labels.to(self.device) if self.conditional else None
                     if lr_at is not None:
                         for group in self.optimizer.param_groups:
                             group["lr"] = lr_at(self.step)
-                    loss, logs = loss_fn(self.step, x)
+                    with self.autocast():
+                        loss, logs = loss_fn(self.step, x, labels)
                     if not math.isfinite(loss.item()):
                         raise FloatingPointError(f"{self.stage.name}: loss is {loss.item()} at step {self.step}")
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                     ema_update(self.ema, self.model, ema_rate(self.step))
                     logs.update(after_step(self.step) if after_step else {})
                     self.step += 1
@@ -153,9 +175,10 @@ class Training:
             bar.close()
             atomic_save(self.state(), self.output)
             self.resume_path.unlink(missing_ok=True)
-            plot = Path(loss_figure(self.kind))
-            plot_loss(self.history, plot, f"{self.stage.name} ({self.cfg.preset})")
-            tracking.log_artifact(plot)
+            if self.output == Path(checkpoint(self.cfg, self.kind)):
+                plot = Path(loss_figure(self.cfg, self.kind))
+                plot_loss(self.history, plot, f"{self.stage.name} ({self.cfg.preset})")
+                tracking.log_artifact(plot)
         print(f"wrote {self.output} after {self.step} steps", file=sys.stderr)
 
 

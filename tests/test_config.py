@@ -61,9 +61,92 @@ def _error(overrides: dict, preset: str = "tiny") -> str:
     ({"sample": {"ct_schedules": [[80.0, -1.0]]}}, "sample.ct_schedules: every time must be > 0"),
     ({"sample": {"cd_schedules": [[100.0]]}}, "sample.cd_schedules: starts at 100.0 > diffusion.sigma_max 80.0"),
     ({"resources": {"train_ct": {"gpu": -1}}}, "resources.train_ct.gpu: must be >= 0"),
+    ({"sample": {"cd_schedules": [["search"]]}}, "'search' stands for one intermediate time (not the first)"),
+    ({"sample": {"cd_schedules": [[80.0, "sarch"]]}}, "sample.cd_schedules[0][1]: must be one of search; got 'sarch'"),
+    ({"data": {"dataset": "lsun_cat", "class_conditional": True}}, "data.class_conditional: lsun_cat has no class"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset: must be one of cifar10, imagenet64, lsun_bedroom, lsun_cat"),
+    ({"edit": {"sr_factor": 3}}, "edit.sr_factor: must divide the resolution 32 of cifar10; got 3"),
+    ({"ablation": {"panels": {"a": ["cd_l3"]}}}, "ablation.panels: a: unknown run 'cd_l3'"),
+    ({"ablation": {"runs": {"x": {"model": "pd"}}}}, "ablation.runs.x.model: must be cd or ct"),
+    ({"ablation": {"runs": {"x": {"model": "cd", "solvr": "euler"}}}},
+     "ablation.runs.x.solvr: unknown key (did you mean 'solver'?)"),
+    ({"ablation": {"runs": {"x": {"model": "ct", "schedule": "cosine"}}}}, "ablation.runs.x.schedule: must be one of"),
+    ({"teacher": {"source": "import"}, "data": {"dataset": "imagenet64"}}, "teacher.source: 'import' reads the"),
 ])
 def test_bad_values_are_named(overrides, expected):
     assert expected in _error(overrides)
+
+
+TABLE3 = {  # (lr, batch, mu or mu0, N or s1, eval EMA, iterations) per column of Table 3
+    "paper_imagenet64": {"cd": (8e-6, 2048, 0.95, 40, 0.999943, 600_000),
+                         "ct": (8e-6, 2048, 0.95, 200, 0.999943, 800_000)},
+    "paper_lsun_bedroom": {"cd": (1e-5, 2048, 0.95, 40, 0.999943, 600_000),
+                           "ct": (1e-5, 2048, 0.95, 150, 0.999943, 1_000_000)},
+    "paper_lsun_cat": {"cd": (1e-5, 2048, 0.95, 40, 0.999943, 600_000),
+                       "ct": (1e-5, 2048, 0.95, 150, 0.999943, 1_000_000)},
+    "paper_cifar10": {"cd": (4e-4, 512, 0.0, 18, 0.9999, 800_000), "ct": (4e-4, 512, 0.9, 150, 0.9999, 800_000)},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TABLE3))
+def test_every_table3_column_is_a_preset(preset):
+    cfg = load(ROOT / "params.yaml", preset)
+    cd, ct = cfg.cd, cfg.ct
+    assert (cd.lr, cd.batch, cd.mu, cd.N, cd.ema, cd.iterations) == TABLE3[preset]["cd"]
+    assert (ct.lr, ct.batch, ct.mu0, ct.s1, ct.ema, ct.iterations) == TABLE3[preset]["ct"]
+    assert cd.solver == "heun" and cd.optimizer == ct.optimizer == "radam" and cd.dropout == ct.dropout == 0
+    assert ct.s0 == 2 and cd.metric == ct.metric == "lpips" and cfg.data.hflip and not ct.init_from_teacher
+    assert cfg.run.mixed_precision == ("none" if preset == "paper_cifar10" else "fp16")  # Table 3's fp16 row
+    big = preset != "paper_cifar10"
+    assert cfg.network.arch == ("adm" if big else "ncsnpp")
+    assert cfg.data.class_conditional == (preset == "paper_imagenet64")
+    assert cfg.data.spec.resolution == {"paper_cifar10": 32, "paper_imagenet64": 64}.get(preset, 256)
+
+
+@pytest.mark.parametrize("preset, code", [
+    ("paper_imagenet64", {"ct.lr": 1e-4, "ct.init_from_teacher": True, "ct.schedule": "code"}),
+    ("paper_lsun_bedroom", {"ct.lr": 5e-5, "ct.batch": 256, "cd.batch": 256, "ct.init_from_teacher": True}),
+    ("paper_lsun_cat", {"ct.lr": 5e-5, "ct.batch": 256, "cd.batch": 256}),
+    ("paper_cifar10", {"ct.schedule": "code"}),
+])
+def test_follow_code_takes_the_official_codes_values(preset, code):
+    paper, official = load(ROOT / "params.yaml", preset), load(ROOT / "params.yaml", preset, ["follow=code"])
+    assert paper.follow == "paper" and official.follow == "code"
+    for key, value in code.items():
+        assert official.section(key) == value and paper.section(key) != value
+
+
+def test_presets_compose_left_to_right():
+    cfg = load(ROOT / "params.yaml", "paper_imagenet64+micro")
+    assert cfg.preset == "paper_imagenet64+micro"
+    assert cfg.data.dataset == "imagenet64" and cfg.data.label_dim == 1000  # from paper_imagenet64
+    assert cfg.network.arch == "adm" and cfg.network.model_channels == 8  # micro's width on ImageNet's network
+    assert cfg.cd.N == 40 and cfg.cd.iterations == 3
+    assert set(cfg.ablation.panels) == {"a_metric", "b_solver", "d_ct_schedule"}  # panels are replaced, not merged
+    with pytest.raises(ConfigError, match="unknown preset 'mikro'"):
+        load(ROOT / "params.yaml", "paper_imagenet64+mikro")
+
+
+def test_unknown_key_in_a_code_block_is_named():
+    params = {**PARAMS, "presets": {**PARAMS["presets"], "tiny": {"code": {"cdd": {}}}}}
+    with pytest.raises(ConfigError, match=r"presets\.tiny\.code\.cdd: unknown key"):
+        resolve(params)
+
+
+def test_missing_raw_data_says_what_to_download(tmp_path):
+    cfg = load(ROOT / "params.yaml", "paper_imagenet64", [f"data.source={tmp_path / 'imagenet'}"])
+    with pytest.raises(ConfigError, match="does not exist; log in at https://image-net.org.*train_data_batch_1.npz"):
+        check_data_source(cfg)
+    cfg = load(ROOT / "params.yaml", "paper_lsun_bedroom", ["data.source=torchvision"])
+    with pytest.raises(ConfigError, match="'torchvision' downloads only CIFAR-10; for lsun_bedroom, download"):
+        check_data_source(cfg)
+
+
+def test_missing_edm_pickle_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_SOURCE", str(tmp_path))
+    cfg = load(ROOT / "params.yaml", "paper_cifar10", ["teacher.source=import", f"teacher.edm_pickle={tmp_path}/x.pkl"])
+    with pytest.raises(ConfigError, match=r"teacher.edm_pickle: .*x.pkl does not exist; download .*nvlabs-fi-cdn"):
+        check_data_source(cfg)
 
 
 def test_unknown_section_inside_a_preset_is_named():

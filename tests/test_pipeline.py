@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import subprocess
@@ -77,31 +78,45 @@ def check_table(path: Path) -> pd.DataFrame:
     table = pd.read_csv(path)
     assert list(zip(table.method, table.nfe)) == [("EDM teacher", 5), ("CD", 1), ("CD", 2), ("CT", 1), ("CT", 2)]
     assert all(math.isfinite(v) and v > 0 for v in table.fid)
-    assert table.paper_fid.tolist()[1:] == [3.55, 2.93, 8.70, 5.83]
+    assert table.paper_fid.tolist() == [2.04, 3.55, 2.93, 8.70, 5.83]
     assert table.mlflow_run_id.str.fullmatch(r"[0-9a-f]{32}").all()
     assert table["is"].isna().all() and table.is_note.str.contains("IS unavailable").all()  # offline weights
     assert table.kid.notna().all() and table.precision.between(0, 1).all() and table.recall.between(0, 1).all()
     return table
 
 
+def check_table2_explains_what_was_not_run(path: Path) -> None:
+    table = pd.read_csv(path)
+    assert set(table.dataset) == {"ImageNet 64x64", "LSUN Bedroom 256x256", "LSUN Cat 256x256"}
+    assert table.paper_fid.notna().all() and table.paper_precision.notna().all()
+    assert table.fid.isna().all() and table.notes.str.contains("not run here: run the preset paper_").all()
+
+
 @pytest.mark.slow
 def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp_path):
     ws, env = workspace(tmp_path)
-    run([sys.executable, "-m", "snakemake", "--cores", "2"], ws, env)
+    run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "figure3"], ws, env)
     table = check_table(ws / "results/tables/table1.csv")
-    assert (ws / "results/tables/table1.md").read_text().startswith("| method | nfe | fid |")
+    assert (ws / "results/tables/table1.md").read_text().count("| method | nfe | fid |") == 1
+    check_table2_explains_what_was_not_run(ws / "results/tables/table2.csv")
     reference = np.load(ws / "data/cifar10/fid_ref.npz")
     features = np.load(ws / "data/cifar10/ref_features.npy")  # the same Inception pass as mu (micro: 16 and 16)
     assert features.shape == (16, 2048) and np.allclose(features.mean(axis=0), reference["mu"], atol=1e-5)
     editing = [f"editing_{task}" for task in EDIT_TASKS]
-    for figure in ["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct"] + editing:
-        assert (ws / f"results/figures/{figure}.png").stat().st_size > 1000
+    figure3 = ["figure3_a_metric", "figure3_b_solver", "figure3_d_ct_schedule"]
+    for figure in (["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct",
+                    "two_step_cd", "two_step_ct"] + editing + figure3):
+        assert (ws / f"results/figures/cifar10/{figure}.png").stat().st_size > 1000
+    # The 2-step rows use the searched time: a level of the CD grid (N = 18), chosen among the probes.
+    search = json.loads((ws / "results/metrics/cifar10/two_step_cd.json").read_text())
+    assert 1 <= search["index"] <= 16 and search["fid"] == min(p["fid"] for p in search["probes"])
+    assert table.sigmas[2] == f"80.0, {search['sigma']:.4g}"
 
     assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
 
     params = (ws / "params.yaml").read_text()
     (ws / "params.yaml").write_text(params.replace("ct: {iterations: 3, batch: 4,", "ct: {iterations: 3, batch: 5,"))
-    assert dry_run_jobs(ws, env) == {"train_ct", "sample_ct", "evaluate_ct", "tables"}
+    assert dry_run_jobs(ws, env) == {"train_ct", "search_ct", "sample_ct", "evaluate_ct", "tables"}
 
     import mlflow
 
@@ -116,6 +131,17 @@ def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp
     assert by_stage.loc["evaluate_cd", "metrics.kid_nfe2"] == pytest.approx(table.kid[2], abs=1e-6)
     assert by_stage.loc["train_ct", "metrics.loss"] > 0 and by_stage.loc["train_ct", "metrics.N"] >= 2
     assert set(table.mlflow_run_id) <= set(runs.run_id)
+    # Figure 3: one MLflow run per ablation run, tagged so the UI groups them; FID logged per iteration.
+    ablations = runs[runs["tags.ablation"] == "figure3"].set_index("tags.stage")
+    assert set(ablations.index) == {"ablate_cd_l1", "ablate_cd_l2", "ablate_cd_euler_N9", "ablate_ct_fixed_N18",
+                                    "ablate_ct_adaptive", "figure3"}
+    assert ablations.loc["ablate_cd_euler_N9", "tags.knob.solver"] == "euler"
+    assert ablations.loc["ablate_cd_l2", "tags.panels"] == "a_metric,b_solver"
+    history = mlflow.MlflowClient().get_metric_history(ablations.loc["ablate_ct_fixed_N18", "run_id"], "fid_1step")
+    assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
+    result = json.loads((ws / "results/ablations/cifar10/ct_fixed_N18.json").read_text())
+    assert [e["iteration"] for e in result["evaluations"]] == [1, 2]
+    assert result["section"]["schedule"] == "fixed" and result["section"]["s1"] == 17
 
 
 @pytest.mark.slow

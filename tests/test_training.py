@@ -21,7 +21,7 @@ SETTINGS = ["--set", f"teacher.iterations={ITERATIONS}", "--set", "teacher.check
 
 def _train(ws, env) -> dict:
     run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS], ws, env)
-    return torch.load(ws / "checkpoints/teacher.pt", weights_only=False)
+    return torch.load(ws / "checkpoints/cifar10/teacher.pt", weights_only=False)
 
 
 def _interrupt_after(ws, env, step: int) -> int:
@@ -49,14 +49,14 @@ def test_sigterm_saves_a_resume_checkpoint_and_the_rerun_ends_as_an_uninterrupte
     ws, env = workspace(tmp_path)
     run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
     reference = _train(ws, env)
-    (ws / "checkpoints/teacher.pt").unlink()
+    (ws / "checkpoints/cifar10/teacher.pt").unlink()
 
     assert _interrupt_after(ws, env, step=10) == 128 + signal.SIGTERM
-    resume = torch.load(ws / "checkpoints/teacher.resume.pt", weights_only=False)
-    assert 10 <= resume["step"] < ITERATIONS and not (ws / "checkpoints/teacher.pt").exists()
+    resume = torch.load(ws / "checkpoints/cifar10/teacher.resume.pt", weights_only=False)
+    assert 10 <= resume["step"] < ITERATIONS and not (ws / "checkpoints/cifar10/teacher.pt").exists()
 
     resumed = _train(ws, env)
-    assert not (ws / "checkpoints/teacher.resume.pt").exists()
+    assert not (ws / "checkpoints/cifar10/teacher.resume.pt").exists()
     assert resumed["step"] == reference["step"] == ITERATIONS
     assert resumed["mlflow_run_id"] == resume["mlflow_run_id"]  # the same MLflow run continues
     for key in ("model", "ema"):
@@ -71,4 +71,4 @@ def test_a_resume_checkpoint_from_other_params_is_not_used(tmp_path):
     _interrupt_after(ws, env, step=5)
     out = run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS, "--set", "teacher.lr=5e-4"], ws, env)
     assert "params changed since it was written; starting afresh" in out.stderr
-    assert torch.load(ws / "checkpoints/teacher.pt", weights_only=False)["step"] == ITERATIONS
+    assert torch.load(ws / "checkpoints/cifar10/teacher.pt", weights_only=False)["step"] == ITERATIONS

@@ -1,0 +1,119 @@
+"""Stage search_<model>: the intermediate time of 2-step sampling, by ternary search of FID over the grid.
+
+    python -m pipeline.search_two_step --model cd [--config params.yaml]
+
+As the paper (Sec. 6): the 2-step schedule (sigma_max, tau) takes tau from a Karras grid, by default the
+model's last training grid (CD: cd.N levels; CT: ct.s1 + 1), on which the paper's published times for
+ImageNet 64 and LSUN lie (e.g. 1.382 = level 22 of 40, 1.913 = level 53 of 201). A ternary search over
+the grid index finds the tau of lowest FID, assuming FID is unimodal in the index. Each probe samples
+search.num_samples images (seed search.seed) and scores them against the training-set statistics of
+reference_stats. Writes results/metrics/<dataset>/two_step_<model>.json (the
+chosen sigma and every probe) and a plot of FID against tau; sample.<model>_schedules use it as 'search'.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import cm, tracking
+from pipeline.config import stage_cli
+from pipeline.data import atomic_write, write_json
+from pipeline.evaluate import load_references
+from pipeline.metrics import InceptionFeatures, feature_statistics, frechet_distance
+from pipeline.models import load_model
+from pipeline.sample import generate
+from pipeline.stages import checkpoint, figure, two_step
+from pipeline.training import setup_torch
+
+
+def ternary_search(cost: Callable[[int], float], lo: int, hi: int) -> tuple[int, dict[int, float]]:
+    """argmin of cost over the integers lo..hi (inclusive), for a cost unimodal in its argument; each index
+    is evaluated at most once. Returns (argmin, {index: cost} of every probe)."""
+    if lo > hi:
+        raise ValueError(f"empty range {lo}..{hi}")
+    seen: dict[int, float] = {}
+
+    def probe(i: int) -> float:
+        if i not in seen:
+            seen[i] = cost(i)
+        return seen[i]
+
+    while hi - lo > 2:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        if probe(m1) <= probe(m2):
+            hi = m2  # the minimum is not right of m2 (it may be at m2 itself on a plateau)
+        else:
+            lo = m1
+    best = min(range(lo, hi + 1), key=probe)
+    return best, seen
+
+
+def grid_levels(cfg, model: str) -> int:
+    """Levels of the searched grid: search.grid, else the model's last training grid."""
+    if cfg.search.grid is not None:
+        return cfg.search.grid
+    return cfg.cd.N if model == "cd" else cfg.ct.s1 + 1
+
+
+def plot_search(probes: dict[float, float], best: float, path: Path, title: str) -> None:
+    """FID against the intermediate time, the chosen one marked; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = sorted(probes)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(sigmas, [probes[s] for s in sigmas], "o-")
+    ax.axvline(best, color="C3", ls="--", label=f"chosen: {best:.3f}")
+    ax.set(xscale="log", xlabel="intermediate time tau (2-step sampling)", ylabel="FID", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    cfg, args = stage_cli(__doc__, ("cd", "ct"))
+    device = setup_torch(cfg)
+    d, s, e = cfg.diffusion, cfg.search, cfg.evaluate
+    model = load_model(checkpoint(cfg, args.model), device)
+    reference, _ = load_references(cfg)
+    levels = grid_levels(cfg, args.model)
+    grid = cm.karras_sigmas(levels, d.sigma_min, d.sigma_max, d.rho).tolist()
+    with tracking.stage_run(f"search_{args.model}", cfg, tags={"model": args.model}) as run:
+        try:
+            inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
+        except (RuntimeError, ValueError) as err:
+            sys.exit(f"error: evaluate.inception: {err}")
+
+        def fid_at(index: int) -> float:
+            images, _ = generate(model, args.model, [d.sigma_max, grid[index]], s.num_samples, cfg.sample.batch,
+                                 s.seed, device, d.sigma_min, progress=False)
+            fid = frechet_distance(*feature_statistics(inception(images, progress=False).pool),
+                                   reference["mu"], reference["sigma"])
+            tracking.log_metrics({"fid": fid, "sigma": grid[index]}, step=index)
+            print(f"search_{args.model}: tau = grid[{index}] = {grid[index]:.4f}: FID {fid:.3f}", file=sys.stderr)
+            return fid
+
+        best, seen = ternary_search(fid_at, 1, levels - 2)  # sigma_max and sigma_min themselves are excluded
+        result = {"model": args.model, "sigma": grid[best], "index": best, "grid": levels,
+                  "fid": seen[best], "num_samples": s.num_samples, "mlflow_run_id": run.info.run_id,
+                  "probes": [{"index": i, "sigma": grid[i], "fid": seen[i]} for i in sorted(seen)]}
+        write_json(two_step(cfg, args.model), result)
+        path = Path(figure(cfg, f"two_step_{args.model}"))
+        plot_search({grid[i]: f for i, f in seen.items()}, grid[best], path,
+                    f"{args.model.upper()}: 2-step FID ({s.num_samples} samples)")
+        tracking.log_metrics({"best_sigma": grid[best], "best_fid": seen[best]})
+        tracking.log_artifact(path)
+    print(f"search_{args.model}: tau = {grid[best]:.4f} (index {best} of {levels}), FID {seen[best]:.3f} after "
+          f"{len(seen)} probes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
