@@ -33,14 +33,14 @@ def make_class_folders(root: Path, per_class: dict[str, int], seed: int = 0) -> 
     return out
 
 
-def workspace(tmp_path: Path) -> tuple[Path, dict]:
-    """A copy of the pipeline with the micro preset, a synthetic CIFAR-10 and a private MLflow store."""
+def workspace(tmp_path: Path, preset: str = "micro") -> tuple[Path, dict]:
+    """A copy of the pipeline with the given preset, a synthetic CIFAR-10 and a private MLflow store."""
     ws = tmp_path / "ws"
     ws.mkdir()
     shutil.copytree(ROOT / "pipeline", ws / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "Snakefile", ws)
     text = (ROOT / "params.yaml").read_text()
-    (ws / "params.yaml").write_text(re.sub(r"(?m)^preset: \w+", "preset: micro", text))
+    (ws / "params.yaml").write_text(re.sub(r"(?m)^preset: \S+", f"preset: {preset}", text))
     make_class_folders(tmp_path / "cifar", {"train": 3, "test": 1})
     env = {**os.environ, "CIFAR10_SOURCE": str(tmp_path / "cifar"), "PYTHONPATH": str(ws),
            "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/mlflow.db",
