@@ -40,11 +40,12 @@ dvc.yaml: params.yaml pipeline/stages.py
 
 repro: setup dvc.yaml
 	test -d .dvc || dvc init -q
-	dvc repro
+	dvc repro tables
 
 dag: setup
 	snakemake --dag results/tables/table1.csv | dot -Tpng > results/figures/dag.png
 
 clean-results:
-	rm -rf data/cifar10/*.npz data/cifar10/manifest.json checkpoints samples results/metrics results/tables \
-	    results/figures/samples_*.png results/figures/loss_*.png .snakemake mlflow.db mlartifacts
+	rm -rf $(foreach d,cifar10 imagenet64 lsun_bedroom lsun_cat,data/$(d)/*.npy data/$(d)/*.npz data/$(d)/manifest.json) \
+	    checkpoints samples results/metrics results/tables \
+	    results/ablations results/figures .snakemake mlflow.db mlartifacts
