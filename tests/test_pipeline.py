@@ -149,10 +149,10 @@ def test_dvc_repro_runs_the_same_dag(tmp_path):
     ws, env = workspace(tmp_path)
     run([sys.executable, "-m", "pipeline.stages", "--dvc"], ws, env)
     run(["dvc", "init", "--no-scm", "-q"], ws, env)
-    out = run(["dvc", "repro"], ws, env)
-    for stage in stages(load(ws / "params.yaml", "micro")):
-        assert f"Running stage '{stage.name}'" in out.stdout
+    out = run(["dvc", "repro", "tables"], ws, env)  # the tables' ancestry; Snakemake's test runs the rest
+    names = [s.name for s in stages(load(ws / "params.yaml", "micro"))]
+    ran = {name for name in names if f"Running stage '{name}'" in out.stdout}
+    assert ran == {n for n in names if not n.startswith(("edit_", "ablate_", "figure3"))}
     check_table(ws / "results/tables/table1.csv")
-    again = run(["dvc", "repro"], ws, env)
+    again = run(["dvc", "repro", "tables"], ws, env)
     assert "Running stage" not in again.stdout
-    assert "up to date" in run(["dvc", "status"], ws, env).stdout
