@@ -617,3 +617,28 @@ def test_baseline_preconditioning_needs_the_load_model_dispatch(tmp_path, capsys
     with torch.no_grad():
         expected = c_skip(s) * x + c_out(s) * edm_forward(flat, spec, c_in(s) * x, c_noise(sigma))
         torch.testing.assert_close(teacher(x, sigma), expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
+def test_teacher_source_import_replaces_the_training_stage(tmp_path):
+    """teacher.source: import puts import_teacher in the DAG; its command writes the checkpoint CD reads."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from pipeline.config import load
+    from pipeline.stages import checkpoint, stages
+
+    _, spec, flat = setup("ncsnpp")
+    pkl = edm_pickle(tmp_path / "edm-cifar10-32x32-uncond-ve.pkl", flat, spec, sigma_data=0.5)
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(root / "params.yaml", "tiny", ["teacher.source=import", f"teacher.edm_pickle={pkl}"])
+    by_name = {s.name: s for s in stages(cfg)}
+    assert "train_teacher" not in by_name and str(pkl) in by_name["import_teacher"].deps
+    assert checkpoint(cfg, "teacher") in by_name["distill_cd"].deps
+    command = shlex.split(by_name["import_teacher"].cmd)
+    assert command[:3] == ["python", "-m", "pipeline.import_edm"]
+    result = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    teacher = models.load_model(tmp_path / checkpoint(cfg, "teacher"))
+    assert teacher.net.img_resolution == 32 and teacher.label_dim == 0
