@@ -23,8 +23,8 @@ import torch
 from pipeline import distill_cd, tracking, train_ct
 from pipeline.config import Config, ablation_section, add_arguments, from_args
 from pipeline.data import atomic_write, write_json
-from pipeline.evaluate import load_references
-from pipeline.metrics import InceptionFeatures, feature_statistics, frechet_distance
+from pipeline.evaluate import load_inception, load_references
+from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.sample import generate
 from pipeline.stages import ablation_checkpoint, ablation_result, figure3
 from pipeline.training import setup_torch
@@ -55,11 +55,7 @@ def train_run(cfg: Config, name: str) -> dict:
     training, fit_args = TRAINERS[model](cfg, section, device, stage=f"ablate_{name}",
                                          output=ablation_checkpoint(cfg, name), tags=tags)
     reference, _ = load_references(cfg)
-    e = cfg.evaluate
-    try:
-        inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
-    except (RuntimeError, ValueError) as err:
-        sys.exit(f"error: evaluate.inception: {err}")
+    inception = load_inception(cfg, device)
     train_step = fit_args["after_step"]
 
     def after_step(step: int) -> dict:

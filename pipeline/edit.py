@@ -35,7 +35,8 @@ from pipeline import editing, tracking
 from pipeline.cm import ConsistencyFn
 from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, load_split, to_model_range, to_uint8, write_json
-from pipeline.metrics import InceptionFeatures, feature_statistics, frechet_distance, load_reference_stats
+from pipeline.evaluate import load_inception
+from pipeline.metrics import feature_statistics, frechet_distance, load_reference_stats
 from pipeline.models import Preconditioned, checkpoint_meta, load_model
 from pipeline.stages import checkpoint, data_dir, edit_outputs, figure, ref_stats
 from pipeline.training import setup_torch
@@ -137,10 +138,7 @@ def inpainting_fid(images: np.ndarray, cfg: Config, device: torch.device) -> dic
     reference = load_reference_stats(ref_stats(cfg))
     if reference["mode"] != e.mode:
         sys.exit(f"error: {ref_stats(cfg)} was computed in mode {reference['mode']!r}, evaluate.mode is {e.mode!r}")
-    try:
-        inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
-    except (RuntimeError, ValueError) as err:
-        sys.exit(f"error: evaluate.inception: {err}")
+    inception = load_inception(cfg, device)
     mu, sigma = feature_statistics(inception(images).pool)
     fid = frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
     return {"fid": fid, "fid_images": len(images), "inception": inception.source, "mode": e.mode}

@@ -70,6 +70,15 @@ def load_references(cfg) -> tuple[dict, np.ndarray]:
     return reference, features
 
 
+def load_inception(cfg, device) -> InceptionFeatures:
+    """The Inception network of evaluate.inception / mode / batch; exits with one line when it cannot be had."""
+    e = cfg.evaluate
+    try:
+        return InceptionFeatures(e.inception, e.mode, device, e.batch)
+    except (RuntimeError, ValueError) as err:
+        sys.exit(f"error: evaluate.inception: {err}")
+
+
 def _summary(model: str, nfe: int, row: dict) -> str:
     pr = "" if row["precision"] is None else f", precision {row['precision']:.3f}, recall {row['recall']:.3f}"
     return f"{model} NFE {nfe}: FID {row['fid']:.2f}, KID {row['kid']:.4f}{pr} on {row['num_samples']} samples"
@@ -84,10 +93,7 @@ def main() -> None:
         sets = {int(k[3:]): f[k] for k in f.files if k.startswith("nfe")}
         sigmas = {int(k[len("sigmas_nfe"):]): f[k].tolist() for k in f.files if k.startswith("sigmas_nfe")}
     with tracking.stage_run(f"evaluate_{args.model}", cfg, tags={"model": args.model}) as run:
-        try:
-            inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
-        except (RuntimeError, ValueError) as err:
-            sys.exit(f"error: evaluate.inception: {err}")
+        inception = load_inception(cfg, device)
         rows = []
         for nfe, images in sorted(sets.items()):
             row = {"nfe": nfe, "num_samples": len(images), "sigmas": sigmas.get(nfe)}

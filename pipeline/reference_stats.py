@@ -17,7 +17,8 @@ import numpy as np
 from pipeline import tracking
 from pipeline.config import stage_cli
 from pipeline.data import atomic_write, load_split
-from pipeline.metrics import InceptionFeatures, feature_statistics, save_reference_stats
+from pipeline.evaluate import load_inception
+from pipeline.metrics import feature_statistics, save_reference_stats
 from pipeline.stages import data_dir, ref_features, ref_stats
 from pipeline.training import setup_torch
 
@@ -46,10 +47,7 @@ def main() -> None:
     images = images[: e.ref_images] if e.ref_images else images  # stored shuffled: a prefix is a random sample
     kept = feature_count(e.pr_ref_images, len(images))
     with tracking.stage_run("reference_stats", cfg):
-        try:
-            inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
-        except (RuntimeError, ValueError) as err:
-            sys.exit(f"error: evaluate.inception: {err}")
+        inception = load_inception(cfg, device)
         features = inception(images)
         mu, sigma = feature_statistics(features.pool)
         save_reference_stats(ref_stats(cfg), mu, sigma, count=len(images), mode=e.mode, inception=inception.source,

@@ -20,8 +20,8 @@ from pathlib import Path
 from pipeline import cm, tracking
 from pipeline.config import stage_cli
 from pipeline.data import atomic_write, write_json
-from pipeline.evaluate import load_references
-from pipeline.metrics import InceptionFeatures, feature_statistics, frechet_distance
+from pipeline.evaluate import load_inception, load_references
+from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.models import load_model
 from pipeline.sample import generate
 from pipeline.stages import checkpoint, figure, two_step
@@ -81,16 +81,13 @@ def plot_search(probes: dict[float, float], best: float, path: Path, title: str)
 def main() -> None:
     cfg, args = stage_cli(__doc__, ("cd", "ct"))
     device = setup_torch(cfg)
-    d, s, e = cfg.diffusion, cfg.search, cfg.evaluate
+    d, s = cfg.diffusion, cfg.search
     model = load_model(checkpoint(cfg, args.model), device)
     reference, _ = load_references(cfg)
     levels = grid_levels(cfg, args.model)
     grid = cm.karras_sigmas(levels, d.sigma_min, d.sigma_max, d.rho).tolist()
     with tracking.stage_run(f"search_{args.model}", cfg, tags={"model": args.model}) as run:
-        try:
-            inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
-        except (RuntimeError, ValueError) as err:
-            sys.exit(f"error: evaluate.inception: {err}")
+        inception = load_inception(cfg, device)
 
         def fid_at(index: int) -> float:
             images, _ = generate(model, args.model, [d.sigma_max, grid[index]], s.num_samples, cfg.sample.batch,
