@@ -35,7 +35,7 @@ METHOD = {"teacher": "EDM teacher", "cd": "CD", "ct": "CT"}
 DATASET_NAME = {"cifar10": "CIFAR-10", "imagenet64": "ImageNet", "lsun_bedroom": "LSUN Bedroom", "lsun_cat": "LSUN Cat"}
 
 # The paper's numbers (Song et al., ICML 2023, arXiv 2303.01469), per (dataset, model): [(nfe, values)].
-# FID: Tables 1 and 2, as in /work/shared/notes/paper-facts.md. Table 1's IS (EDM 9.84 at 35 NFE; CD 9.48, 9.75;
+# FID: Tables 1 and 2, as in the project notes (paper-facts.md). Table 1's IS (EDM 9.84 at 35 NFE; CD 9.48, 9.75;
 # CT 8.49, 8.85) and Table 2's precision/recall were checked against two public transcriptions of the paper's tables
 # (found with the search tool's code corpus, index files 56764211201 and 70956430801): a Markdown rendering of the
 # whole paper, with every row of both tables, and a review quoting every Table 1 row used here and Table 2's 1-step
