@@ -4,12 +4,14 @@
 #
 #   snakemake --cores 2                                  # local, the preset params.yaml selects
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
+import os
+
 from snakemake.exceptions import WorkflowError
 
 from pipeline import tracking
 from pipeline.config import ConfigError, check_data_source, load
 from pipeline.lpips import LpipsWeightsMissing, preflight
-from pipeline.stages import stages, targets
+from pipeline.stages import slurm_resources, stages, targets
 
 try:
     CFG = load("params.yaml")
@@ -18,7 +20,6 @@ try:
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None
 
-
 rule all:
     input:
         targets(CFG),
@@ -26,6 +27,7 @@ rule all:
 
 for stage in stages(CFG):
     request = CFG.resources[stage.resources]
+    slurm = slurm_resources(CFG, stage)  # nodes, tasks, GPUs, warning signal (see pipeline/stages.py)
 
     rule:
         name:
@@ -39,13 +41,19 @@ for stage in stages(CFG):
             cmd=stage.cmd,  # bound now: `shell:` is evaluated when the job runs, after the loop ended
         threads: request.cpus
         resources:
-            mem_mb=request.mem_mb,
-            runtime=request.runtime,
-            cpus_per_task=request.cpus,
-            **({"gpu": request.gpu} if request.gpu else {}),
+            **slurm,
         shell:
             "{params.cmd}"
 
 
 onstart:
+    # Training on several nodes starts with srun: it needs the SLURM executor, or a SLURM allocation around us.
+    executor = workflow.executor_plugin.name if workflow.executor_plugin else "local"
+    if executor != "slurm" and not os.environ.get("SLURM_JOB_ID"):
+        for stage in stages(CFG):
+            request = CFG.resources[stage.resources]
+            if stage.training and request.launcher == "srun":
+                raise WorkflowError(f"resources.{stage.resources}: {request.nodes} node(s) x {request.per_node} "
+                                    f"processes start with srun: run with --profile slurm (or inside salloc), not "
+                                    f"the {executor} executor")
     tracking.setup(CFG)  # create the MLflow store once, before parallel jobs race to do it

@@ -26,8 +26,8 @@ from pipeline.data import atomic_write, write_json
 from pipeline.evaluate import load_inception, load_references
 from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.sample import generate
-from pipeline.stages import ablation_checkpoint, ablation_result, figure3
-from pipeline.training import setup_torch
+from pipeline.stages import ablation_checkpoint, ablation_result, figure3, training_io
+from pipeline.training import setup_training
 
 TRAINERS = {"cd": distill_cd.trainer, "ct": train_ct.trainer}
 
@@ -45,23 +45,26 @@ def panels_of(cfg: Config, name: str) -> list[str]:
     return [panel for panel, names in cfg.ablation.panels.items() if name in names]
 
 
-def train_run(cfg: Config, name: str) -> dict:
-    device = setup_torch(cfg)
+def train_run(cfg: Config, name: str) -> dict | None:
+    """Train one run (on every rank of the launch); rank 0 scores it and returns the result, the others None."""
+    ctx = setup_training(cfg)
+    device = ctx.device
     model, section = run_section(cfg, name)
     a, d = cfg.ablation, cfg.diffusion
     knobs = {k: v for k, v in cfg.ablation.runs[name].items() if k != "model"}
     tags = {"ablation": "figure3", "run": name, "panels": ",".join(panels_of(cfg, name)),
             **{f"knob.{k}": str(v) for k, v in knobs.items()}}
-    training, fit_args = TRAINERS[model](cfg, section, device, stage=f"ablate_{name}",
-                                         output=ablation_checkpoint(cfg, name), tags=tags)
-    reference, _ = load_references(cfg)
-    inception = load_inception(cfg, device)
+    io = training_io(cfg, model, stage=f"ablate_{name}", output=ablation_checkpoint(cfg, name))
+    training, fit_args = TRAINERS[model](cfg, section, ctx, tags=tags, **io)
+    if ctx.main:  # rank 0 scores the EMA model; the others wait for it at the next step's gradient exchange
+        reference, _ = load_references(cfg)
+        inception = load_inception(cfg, device)
     train_step = fit_args["after_step"]
 
     def after_step(step: int) -> dict:
         logs = train_step(step)
         done = step + 1
-        if done % a.eval_every == 0 or done == section.iterations:
+        if ctx.main and (done % a.eval_every == 0 or done == section.iterations):
             training.ema.eval()
             with torch.no_grad():
                 images, _ = generate(training.ema, model, [d.sigma_max], a.num_samples, cfg.sample.batch,
@@ -73,6 +76,8 @@ def train_run(cfg: Config, name: str) -> dict:
         return logs
 
     training.fit(**{**fit_args, "after_step": after_step})
+    if not ctx.main:
+        return None
     result = {"run": name, "model": model, "knobs": knobs, "panels": panels_of(cfg, name),
               "section": cfg.raw[model] | knobs | {"iterations": section.iterations},
               "num_samples": a.num_samples, "evaluations": training.evaluations,

@@ -43,6 +43,7 @@ class Run:
     experiment: str
     tracking_uri: str  # the environment variable MLFLOW_TRACKING_URI wins when set
     mixed_precision: Literal["none", "fp16", "bf16"]  # training forward passes under autocast on CUDA (Table 3: fp16)
+    dtype: Literal["float32", "float64"]  # of training weights; float64 only for numerical checks (tests of layouts)
 
     def problems(self) -> list[tuple[str, str]]:
         return [("threads", "must be >= 0")] if self.threads < 0 else []
@@ -321,14 +322,56 @@ class Edit:
 
 @dataclass(frozen=True)
 class Resources:
-    gpu: int
-    cpus: int
-    mem_mb: int
-    runtime: int  # minutes
+    """One stage's SLURM request, and for training stages the shape of the data-parallel job."""
+
+    gpu: int  # GPUs per node (0: CPU only)
+    cpus: int  # CPUs per node
+    mem_mb: int  # memory per node
+    runtime: int  # minutes (sbatch -t), at most the partition's limit: longer training requeues itself
+    nodes: int = 1
+    processes: int | None = None  # training processes per node (None: one per GPU, 1 without GPUs)
+    micro_batch: int | None = None  # the most images one process puts through the network at once (None: its share)
+    launch: Literal["auto", "torchrun", "srun"] = "auto"  # auto: torchrun on one node, srun on several
+
+    @property
+    def per_node(self) -> int:
+        return self.processes or max(self.gpu, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.per_node
+
+    @property
+    def launcher(self) -> str:
+        """'python' (one process), 'torchrun' (one node) or 'srun' (one task per process, any number of nodes)."""
+        if self.launch != "auto":
+            return self.launch
+        return "srun" if self.nodes > 1 else "torchrun" if self.per_node > 1 else "python"
 
     def problems(self) -> list[tuple[str, str]]:
         out = [("gpu", "must be >= 0")] if self.gpu < 0 else []
-        return out + [(k, "must be > 0") for k in ("cpus", "mem_mb", "runtime") if getattr(self, k) <= 0]
+        out += [(k, "must be > 0") for k in ("cpus", "mem_mb", "runtime", "nodes") if getattr(self, k) <= 0]
+        out += [(k, "must be > 0 or null") for k in ("processes", "micro_batch")
+                if getattr(self, k) is not None and getattr(self, k) <= 0]
+        if not out and self.gpu and self.per_node > self.gpu:
+            out.append(("processes", f"at most one process per GPU ({self.gpu} per node), got {self.processes}"))
+        if not out and self.launch == "torchrun" and self.nodes > 1:
+            out.append(("launch", "torchrun --standalone runs on one node; use srun (or auto) for several nodes"))
+        if not out and self.launch == "srun" and self.world_size == 1:
+            out.append(("launch", "srun starts one task per process: needs nodes x processes > 1"))
+        return out
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What one node holds, and how training outlives the partition's time limit."""
+
+    gpus_per_node: int  # a stage asking for more stops before anything is submitted
+    warn_seconds: int  # training jobs ask SLURM for SIGURG this long before their time limit (sbatch --signal)
+    requeue: bool  # on that signal: checkpoint, then `scontrol requeue` (false: checkpoint and exit)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [(k, "must be > 0") for k in ("gpus_per_node", "warn_seconds") if getattr(self, k) <= 0]
 
 
 @dataclass(frozen=True)
@@ -348,6 +391,7 @@ class Config:
     evaluate: Evaluate
     edit: Edit
     ablation: Ablation
+    cluster: Cluster
     resources: dict[str, Resources] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved plain dict
 
@@ -441,14 +485,15 @@ def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where.rstrip('.')}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     for key in values:
         if key not in names:
             raise _unknown(where, str(key), names)
-    missing = [n for n in names if n not in values]
+    missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{where}{missing[0]}: missing (every knob lives in params.yaml)")
-    obj = cls(**{n: _check_value(where + n, values[n], hints[n]) for n in names})
+    obj = cls(**{n: _check_value(where + n, values[n], hints[n]) for n in names if n in values})
     for key, message in obj.problems() if hasattr(obj, "problems") else []:
         got = "" if "got" in message else f"; got {getattr(obj, key)!r}"
         raise ConfigError(f"{where}{key}: {message}{got}")
@@ -514,6 +559,20 @@ def validate(resolved: dict, source: str = "params.yaml") -> Config:
     return Config(preset=resolved["preset"], follow=resolved.get("follow", "paper"), raw=resolved, **sections)
 
 
+TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct"}  # model -> its training stage
+
+
+def split_batch(batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) of one process for a global batch; ValueError if it does not split."""
+    if micro_batch is None and batch % world_size:
+        raise ValueError(f"the global batch {batch} is not divisible by {world_size} processes")
+    micro = micro_batch or batch // world_size
+    if batch % (world_size * micro):
+        raise ValueError(f"the global batch {batch} is not divisible by {world_size} processes x micro_batch {micro} "
+                         f"(= {world_size * micro})")
+    return micro, batch // (world_size * micro)
+
+
 def _cross_checks(s: dict, where: str) -> None:
     sigma_max = s["diffusion"].sigma_max
     for key in ("cd_schedules", "ct_schedules"):
@@ -532,6 +591,30 @@ def _cross_checks(s: dict, where: str) -> None:
         if not isinstance(run, dict) or run.get("model") not in ("cd", "ct"):
             raise ConfigError(f"{where}ablation.runs.{name}.model: must be cd or ct")
         ablation_section(s[run["model"]], run, f"{where}ablation.runs.{name}.")
+    if s["run"].dtype == "float64" and "lpips" in (s["cd"].metric, s["ct"].metric):
+        raise ConfigError(f"{where}run.dtype: float64 is for numerical checks with the l2, l1 or pseudo_huber "
+                          "metric (LPIPS' weights are float32)")
+    _parallel_checks(s, where)
+
+
+def _parallel_checks(s: dict, where: str) -> None:
+    """Each stage fits a node, and each training batch splits evenly over its processes and micro-batches."""
+    cluster = s["cluster"]
+    for stage, r in s["resources"].items():
+        if r.gpu > cluster.gpus_per_node:
+            raise ConfigError(f"{where}resources.{stage}.gpu: {r.gpu} GPUs per node, but a node holds "
+                              f"cluster.gpus_per_node = {cluster.gpus_per_node}")
+    for kind, stage in TRAIN_STAGE.items():
+        if stage not in s["resources"]:
+            raise ConfigError(f"{where}resources.{stage}: missing (every training stage needs its resources)")
+        r = s["resources"][stage]
+        runs = [(kind, s[kind])] + [(f"ablation.runs.{name}", ablation_section(s[kind], run))
+                                    for name, run in s["ablation"].runs.items() if run.get("model") == kind]
+        for label, section in runs:
+            try:
+                split_batch(section.batch, r.world_size, r.micro_batch)
+            except ValueError as e:
+                raise ConfigError(f"{where}resources.{stage}: {label}.batch: {e}") from None
 
 
 def ablation_section(base: Any, run: dict, where: str = "ablation.runs.") -> Any:

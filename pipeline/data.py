@@ -51,20 +51,30 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 class Batches:
     """Endless random training batches (images in [-1, 1] and labels), with replacement across batches, with
-    optional horizontal flips. Reads only the drawn rows of a memory-mapped split."""
+    optional horizontal flips. `draw()` picks the rows and flips of a whole global batch (every process draws
+    the same); `load()` reads the slice one process trains on, touching only those rows of a memory-mapped
+    split."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch: int, hflip: bool, seed: int):
         self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.int64)
         self.batch, self.hflip = batch, hflip
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row indices, flip flags) of the next global batch."""
         index = torch.randint(len(self.images), (self.batch,), generator=self.generator)
+        if not self.hflip:
+            return index, torch.zeros(self.batch, dtype=torch.bool)
+        return index, torch.rand(self.batch, generator=self.generator) < 0.5
+
+    def load(self, index: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_model_range(np.ascontiguousarray(self.images[index.numpy()]))
-        if self.hflip:
-            flip = torch.rand(self.batch, generator=self.generator) < 0.5
-            x[flip] = x[flip].flip(-1)
+        x[flip] = x[flip].flip(-1)
         return x, self.labels[index]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole next global batch."""
+        return self.load(*self.draw())
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -17,43 +17,49 @@ import torch
 
 from pipeline import cm
 from pipeline.config import Config, Distill, stage_cli
+from pipeline.distributed import Context
 from pipeline.lpips import training_distance
 from pipeline.models import ema_update, frozen_copy, load_model, model_for
-from pipeline.stages import checkpoint
-from pipeline.training import Training, setup_torch
+from pipeline.noise import Noise, TorchNoise
+from pipeline.stages import checkpoint, training_io
+from pipeline.training import Training, setup_training
 
 
 def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Tensor, sigmas: torch.Tensor,
-            teacher_step: Callable, distance: Callable, labels: torch.Tensor | None = None) -> torch.Tensor:
+            teacher_step: Callable, distance: Callable, labels: torch.Tensor | None = None,
+            noise: Noise | TorchNoise | None = None) -> torch.Tensor:
     """Algorithm 2, one batch: d(f_theta(x_t, t), f_theta-(x_t2, t2)), x_t2 from one teacher ODE step.
-    Class-conditional models see the image's label in all three networks."""
+    Class-conditional models see the image's label in all three networks. `noise` draws n (stream 0) and
+    z (stream 1) for x's rows (default: torch's generator)."""
     if labels is not None:
         student, target, teacher = (partial(m, class_labels=labels) for m in (student, target, teacher))
-    n = torch.randint(0, len(sigmas) - 1, (x.shape[0],), device=x.device)
+    noise = noise or TorchNoise(x.shape[0], x.device)
+    n = noise.integers(0, len(sigmas) - 1).to(sigmas.device)
     t, t2 = sigmas[n], sigmas[n + 1]
-    x_t = x + t.reshape(-1, *[1] * (x.ndim - 1)) * torch.randn_like(x)
+    x_t = x + t.reshape(-1, *[1] * (x.ndim - 1)) * noise.normal_like(1, x)
     with torch.no_grad():
         x_t2 = teacher_step(teacher, x_t, t, t2)
         target_out = target(x_t2, t2)
     return distance(student(x_t, t), target_out).mean()
 
 
-def trainer(cfg: Config, c: Distill, device: torch.device, **training_args: Any) -> tuple[Training, dict]:
-    """The Training of Algorithm 2 for the section `c` and the arguments of its fit()."""
-    d = cfg.diffusion
+def trainer(cfg: Config, c: Distill, ctx: Context, **training_args: Any) -> tuple[Training, dict]:
+    """The Training of Algorithm 2 for the section `c` and the arguments of its fit(); training_args: the
+    DAG's paths and fingerprint (pipeline.stages.training_io)."""
+    d, device = cfg.diffusion, ctx.device
     distance = training_distance(c.metric, cfg.lpips, device)  # fails early if LPIPS weights are missing
-    teacher = load_model(checkpoint(cfg, "teacher"), device)
+    teacher = load_model(checkpoint(cfg, "teacher"), device).to(getattr(torch, cfg.run.dtype))
     student = model_for("cd", cfg, c.dropout)
     if c.init_from_teacher:
         student.net.load_state_dict(teacher.net.state_dict())
     target = frozen_copy(student).to(device)
-    training = Training("cd", cfg, c, student, device, optimizer=c.optimizer, extra={"target": target},
+    training = Training("cd", cfg, c, student, ctx, optimizer=c.optimizer, extra={"target": target},
                         **training_args)
     sigmas = cm.karras_sigmas(c.N, d.sigma_min, d.sigma_max, d.rho).to(device)
     teacher_step = {"euler": cm.euler_step, "heun": cm.heun_step}[c.solver]
 
-    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        return cd_loss(training.model, target, teacher, x, sigmas, teacher_step, distance, labels), {}
+    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None, noise: Noise) -> tuple[torch.Tensor, dict]:
+        return cd_loss(training.online, target, teacher, x, sigmas, teacher_step, distance, labels, noise), {}
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, c.mu)
@@ -64,7 +70,7 @@ def trainer(cfg: Config, c: Distill, device: torch.device, **training_args: Any)
 
 def main() -> None:
     cfg, _ = stage_cli(__doc__)
-    training, fit_args = trainer(cfg, cfg.cd, setup_torch(cfg))
+    training, fit_args = trainer(cfg, cfg.cd, setup_training(cfg), **training_io(cfg, "cd"))
     training.fit(**fit_args)
 
 

@@ -178,9 +178,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
-        # Explicit fp32 softmax rather than F.scaled_dot_product_attention: the fused kernels lack
+        # Explicit softmax in at least fp32 rather than F.scaled_dot_product_attention: the fused kernels lack
         # forward-mode AD, which continuous-time consistency training (torch.func.jvp) needs.
-        logits = torch.einsum("bncq,bnck->bnqk", q.float(), k.float()) / math.sqrt(c // self.num_heads)
+        precision = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32; float64 stays float64
+        logits = torch.einsum("bncq,bnck->bnqk", q.to(precision), k.to(precision)) / math.sqrt(c // self.num_heads)
         a = torch.einsum("bnqk,bnck->bncq", logits.softmax(dim=-1).to(v.dtype), v)
         return (x + self.proj(a.reshape(b, c, h, w))) * self.skip_scale
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, ConfigError, add_arguments, from_args
+from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, from_args
 from pipeline.data import split_files
 
 MODELS = ("teacher", "cd", "ct")
-TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct"}
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]
-TRAIN_CODE = CORE + ["pipeline/training.py", "pipeline/tracking.py", "pipeline/data.py"]
+TRAIN_CODE = CORE + ["pipeline/training.py", "pipeline/tracking.py", "pipeline/data.py", "pipeline/noise.py",
+                     "pipeline/distributed.py", "pipeline/launch.py"]
 EVAL_CODE = ["pipeline/metrics.py", "pipeline/evaluate.py"]
 TABLES = ["results/tables/table1.csv", "results/tables/table1.md", "results/tables/table2.csv",
           "results/tables/table2.md"]
@@ -35,6 +35,7 @@ class Stage:
     outs: list[str]
     params: list[str]  # dotted keys of params.yaml whose values the outputs depend on
     resources: str  # key of params.yaml's `resources` section
+    training: bool = False  # data-parallel: launched by pipeline.launch on the processes `resources` asks for
 
     def param_values(self, cfg: Config) -> str:
         """The resolved values of this stage's params, as stable JSON (Snakemake reruns when it changes)."""
@@ -106,6 +107,42 @@ def searched(cfg: Config, model: str) -> bool:
     return model != "teacher" and any("search" in s for s in getattr(cfg.sample, f"{model}_schedules"))
 
 
+def launched(resources: str, module: str) -> str:
+    """A training stage's command: pipeline.launch starts `module` as one process, under torchrun or srun, as
+    resources.<key> says. The command does not name the GPU count, so changing it re-runs nothing."""
+    return f"python -m pipeline.launch {resources} {module}"
+
+
+def training_io(cfg: Config, kind: str, stage: str | None = None, output: str | None = None) -> dict:
+    """What the training loop takes from the DAG, as plain keyword arguments of pipeline.training.Training:
+    the stage's name, checkpoint, data folder, params fingerprint, loss figure and micro-batch."""
+    name = stage or TRAIN_STAGE[kind]
+    definition = next(s for s in stages(cfg) if s.name == name)
+    own = output is None  # the model's own training stage (ablation runs name their checkpoint and draw no loss)
+    return {"stage": name, "output": output or checkpoint(cfg, kind), "data": data_dir(cfg),
+            "fingerprint": definition.param_values(cfg), "loss_plot": loss_figure(cfg, kind) if own else None,
+            "micro_batch": cfg.resources[definition.resources].micro_batch}
+
+
+def slurm_resources(cfg: Config, stage: Stage) -> dict:
+    """The Snakemake resources of a stage, as snakemake-executor-plugin-slurm turns them into sbatch options.
+
+    One node: --gpus=G and one task (torchrun starts the processes inside it). Several nodes (or launch: srun):
+    an `mpi` job of --nodes=N --ntasks-per-node=P with --gres=gpu:G per node; the command runs srun itself.
+    Training jobs ask for SIGURG cluster.warn_seconds before their time limit, checkpoint and requeue."""
+    r = cfg.resources[stage.resources]
+    out = {"mem_mb": r.mem_mb, "runtime": r.runtime}
+    if stage.training and r.launcher == "srun":
+        out |= {"mpi": "srun", "nodes": r.nodes, "cpus_per_task": max(r.cpus // r.per_node, 1)}
+        out |= {"tasks_per_node": r.per_node} if r.per_node > 1 else {"tasks": r.world_size}
+        out |= {"gres": f"gpu:{r.gpu}"} if r.gpu else {}
+    else:
+        out |= {"cpus_per_task": r.cpus} | ({"gpu": r.gpu} if r.gpu else {})
+    if stage.training:
+        out["slurm_extra"] = f"--signal=URG@{cfg.cluster.warn_seconds}"
+    return out
+
+
 def teacher_stage(cfg: Config) -> Stage:
     """Train the EDM teacher, or import NVlabs' published one (teacher.source)."""
     if cfg.teacher.source == "import":
@@ -114,17 +151,18 @@ def teacher_stage(cfg: Config) -> Stage:
                      f"--out {checkpoint(cfg, 'teacher')}",
                      [cfg.teacher.edm_pickle, "pipeline/import_edm.py"] + CORE,
                      [checkpoint(cfg, "teacher")], ["teacher.edm_pickle", "network.arch"], "prepare_data")
-    return Stage("train_teacher", "python -m pipeline.train_teacher",
+    return Stage("train_teacher", launched("train_teacher", "pipeline.train_teacher"),
                  split_paths(cfg, "train") + ["pipeline/train_teacher.py"] + TRAIN_CODE,
                  [checkpoint(cfg, "teacher"), loss_figure(cfg, "teacher")],
-                 ["run.seed", "run.mixed_precision", "data", "diffusion", "network", "teacher"], "train_teacher")
+                 ["run.seed", "run.mixed_precision", "run.dtype", "data", "diffusion", "network", "teacher"],
+                 "train_teacher", training=True)
 
 
 def stages(cfg: Config) -> list[Stage]:
     """All stages for a resolved config (CT depends on the teacher only when it starts from it)."""
     train = split_paths(cfg, "train")
     data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional"]
-    train_params = ["run.seed", "run.mixed_precision", "data", "diffusion", "network"]
+    train_params = ["run.seed", "run.mixed_precision", "run.dtype", "data", "diffusion", "network"]
     refs = [ref_stats(cfg), ref_features(cfg)]
     teacher = [checkpoint(cfg, "teacher")]
     out = [
@@ -136,13 +174,15 @@ def stages(cfg: Config) -> list[Stage]:
               data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"],
               "evaluate"),
         teacher_stage(cfg),
-        Stage("distill_cd", "python -m pipeline.distill_cd",
+        Stage("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
               train + teacher + ["pipeline/distill_cd.py", "pipeline/lpips.py"] + TRAIN_CODE,
-              [checkpoint(cfg, "cd"), loss_figure(cfg, "cd")], train_params + ["cd", "lpips"], "distill_cd"),
-        Stage("train_ct", "python -m pipeline.train_ct",
+              [checkpoint(cfg, "cd"), loss_figure(cfg, "cd")], train_params + ["cd", "lpips"], "distill_cd",
+              training=True),
+        Stage("train_ct", launched("train_ct", "pipeline.train_ct"),
               train + (teacher if cfg.ct.init_from_teacher else []) + ["pipeline/train_ct.py", "pipeline/lpips.py"]
               + TRAIN_CODE,
-              [checkpoint(cfg, "ct"), loss_figure(cfg, "ct")], train_params + ["ct", "lpips"], "train_ct"),
+              [checkpoint(cfg, "ct"), loss_figure(cfg, "ct")], train_params + ["ct", "lpips"], "train_ct",
+              training=True),
     ]
     sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid"]
     for model in ("cd", "ct"):
@@ -176,14 +216,15 @@ def stages(cfg: Config) -> list[Stage]:
     for run in runs:
         model = cfg.ablation.runs[run]["model"]
         needs_teacher = model == "cd" or cfg.ct.init_from_teacher
-        out.append(Stage(f"ablate_{run}", f"python -m pipeline.ablation --run {run}",
+        out.append(Stage(f"ablate_{run}", launched(TRAIN_STAGE[model], f"pipeline.ablation --run {run}"),
                          train + (teacher if needs_teacher else []) + refs
                          + ["pipeline/ablation.py", f"pipeline/{TRAIN_STAGE[model]}.py", "pipeline/lpips.py"]
                          + TRAIN_CODE + EVAL_CODE,
                          [ablation_result(cfg, run), ablation_checkpoint(cfg, run)],
                          train_params + [model, "lpips", f"ablation.runs.{run}", "ablation.iterations",
                                          "ablation.eval_every", "ablation.num_samples", "sample.batch",
-                                         "evaluate.mode", "evaluate.inception"], TRAIN_STAGE[model]))
+                                         "evaluate.mode", "evaluate.inception"], TRAIN_STAGE[model],
+                         training=True))
     if runs:
         out.append(Stage("figure3", "python -m pipeline.ablation --figure",
                          [ablation_result(cfg, run) for run in runs] + ["pipeline/ablation.py"], figure3(cfg),

@@ -62,8 +62,10 @@ def setup(cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | None = None) -> Iterator[Any]:
-    """Start (or, with run_id, resume) the MLflow run of one stage; logs every param on a new run."""
+def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | None = None,
+              extra_params: dict | None = None) -> Iterator[Any]:
+    """Start (or, with run_id, resume) the MLflow run of one stage; logs every param (and extra_params, e.g. how
+    the job was laid out) on a new run."""
     import mlflow
 
     setup(cfg)
@@ -72,7 +74,7 @@ def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | N
     else:
         all_tags = {"stage": stage, "preset": cfg.preset, "git_commit": git_commit(), **(tags or {})}
         run = _retry(mlflow.start_run, run_name=stage, tags=all_tags)
-        params = flatten({k: v for k, v in cfg.raw.items() if k != "resources"})
+        params = flatten({k: v for k, v in cfg.raw.items() if k != "resources"}) | flatten(extra_params or {})
         items = list(params.items())
         for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
             _retry(mlflow.log_params, dict(items[i:i + 90]))

@@ -16,21 +16,26 @@ import torch
 
 from pipeline import cm
 from pipeline.config import Config, ConsistencyTraining, stage_cli
+from pipeline.distributed import Context
 from pipeline.lpips import training_distance
 from pipeline.models import ema_update, frozen_copy, load_model, model_for
-from pipeline.stages import checkpoint
-from pipeline.training import Training, setup_torch
+from pipeline.noise import Noise, TorchNoise
+from pipeline.stages import checkpoint, training_io
+from pipeline.training import Training, setup_training
 
 
 def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Tensor,
-            distance: Callable, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Algorithm 3, one batch: d(f_theta(x + t z, t), f_theta-(x + t2 z, t2)) with the same z."""
+            distance: Callable, labels: torch.Tensor | None = None,
+            noise: Noise | TorchNoise | None = None) -> torch.Tensor:
+    """Algorithm 3, one batch: d(f_theta(x + t z, t), f_theta-(x + t2 z, t2)) with the same z. `noise` draws
+    n (stream 0) and z (stream 1) for x's rows (default: torch's generator)."""
     if labels is not None:
         model, target = partial(model, class_labels=labels), partial(target, class_labels=labels)
-    n = torch.randint(0, len(sigmas) - 1, (x.shape[0],), device=x.device)
+    noise = noise or TorchNoise(x.shape[0], x.device)
+    n = noise.integers(0, len(sigmas) - 1).to(sigmas.device)
     t, t2 = sigmas[n], sigmas[n + 1]
     shape = (-1, *[1] * (x.ndim - 1))
-    z = torch.randn_like(x)
+    z = noise.normal_like(1, x)
     with torch.no_grad():
         target_out = target(x + t2.reshape(shape) * z, t2)
     return distance(model(x + t.reshape(shape) * z, t), target_out).mean()
@@ -43,24 +48,25 @@ def schedule(c: ConsistencyTraining, step: int) -> tuple[int, float]:
     return cm.ct_schedule(step, c.iterations, c.s0, c.s1, c.mu0, variant=c.schedule)
 
 
-def trainer(cfg: Config, c: ConsistencyTraining, device: torch.device, **training_args: Any) -> tuple[Training, dict]:
-    """The Training of Algorithm 3 for the section `c` and the arguments of its fit()."""
-    d = cfg.diffusion
+def trainer(cfg: Config, c: ConsistencyTraining, ctx: Context, **training_args: Any) -> tuple[Training, dict]:
+    """The Training of Algorithm 3 for the section `c` and the arguments of its fit(); training_args: the
+    DAG's paths and fingerprint (pipeline.stages.training_io)."""
+    d, device = cfg.diffusion, ctx.device
     distance = training_distance(c.metric, cfg.lpips, device)
     model = model_for("ct", cfg, c.dropout)
     if c.init_from_teacher:
         model.net.load_state_dict(load_model(checkpoint(cfg, "teacher")).net.state_dict())
     target = frozen_copy(model).to(device)
-    training = Training("ct", cfg, c, model, device, optimizer=c.optimizer, extra={"target": target},
+    training = Training("ct", cfg, c, model, ctx, optimizer=c.optimizer, extra={"target": target},
                         **training_args)
 
     @lru_cache(maxsize=4)
     def grid(n: int) -> torch.Tensor:
         return cm.karras_sigmas(n, d.sigma_min, d.sigma_max, d.rho).to(device)
 
-    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None, noise: Noise) -> tuple[torch.Tensor, dict]:
         n_steps, mu = schedule(c, step)
-        return ct_loss(training.model, target, x, grid(n_steps), distance, labels), {"N": n_steps, "mu": mu}
+        return ct_loss(training.online, target, x, grid(n_steps), distance, labels, noise), {"N": n_steps, "mu": mu}
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, schedule(c, step)[1])
@@ -71,7 +77,7 @@ def trainer(cfg: Config, c: ConsistencyTraining, device: torch.device, **trainin
 
 def main() -> None:
     cfg, _ = stage_cli(__doc__)
-    training, fit_args = trainer(cfg, cfg.ct, setup_torch(cfg))
+    training, fit_args = trainer(cfg, cfg.ct, setup_training(cfg), **training_io(cfg, "ct"))
     training.fit(**fit_args)
 
 

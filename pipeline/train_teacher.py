@@ -12,15 +12,19 @@ import torch
 
 from pipeline.config import stage_cli
 from pipeline.models import Denoiser, model_for
-from pipeline.training import Training, setup_torch
+from pipeline.noise import Noise, TorchNoise
+from pipeline.stages import training_io
+from pipeline.training import Training, setup_training
 
 
 def edm_loss(denoiser: Denoiser, x: torch.Tensor, p_mean: float, p_std: float, sigma_data: float,
-             labels: torch.Tensor | None = None) -> torch.Tensor:
-    """E[lambda(sigma) ||D(x + sigma n, sigma) - x||^2], ln sigma ~ N(p_mean, p_std^2) (EDM eq. 8)."""
-    sigma = (torch.randn(x.shape[0], device=x.device) * p_std + p_mean).exp().reshape(-1, 1, 1, 1)
+             labels: torch.Tensor | None = None, noise: Noise | TorchNoise | None = None) -> torch.Tensor:
+    """E[lambda(sigma) ||D(x + sigma n, sigma) - x||^2], ln sigma ~ N(p_mean, p_std^2) (EDM eq. 8).
+    `noise` draws sigma (stream 0) and n (stream 1) for x's rows (default: torch's generator)."""
+    noise = noise or TorchNoise(x.shape[0], x.device)
+    sigma = (noise.normal(0).to(x.device) * p_std + p_mean).exp().reshape(-1, 1, 1, 1)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # lambda(sigma), EDM Table 1
-    denoised = denoiser(x + sigma * torch.randn_like(x), sigma.flatten(), labels)
+    denoised = denoiser(x + sigma * noise.normal_like(1, x), sigma.flatten(), labels)
     return (weight * (denoised - x).square()).mean()
 
 
@@ -34,13 +38,14 @@ def ema_rate(step: int, batch: int, halflife_kimg: float, rampup: float | None) 
 
 def main() -> None:
     cfg, _ = stage_cli(__doc__)
-    device = setup_torch(cfg)
+    ctx = setup_training(cfg)
     t = cfg.teacher
-    training = Training("teacher", cfg, t, model_for("teacher", cfg, t.dropout), device, optimizer="adam")
+    training = Training("teacher", cfg, t, model_for("teacher", cfg, t.dropout), ctx, optimizer="adam",
+                        **training_io(cfg, "teacher"))
     sigma_data = cfg.diffusion.sigma_data
 
-    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        return edm_loss(training.model, x, t.p_mean, t.p_std, sigma_data, labels), {}
+    def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None, noise: Noise) -> tuple[torch.Tensor, dict]:
+        return edm_loss(training.online, x, t.p_mean, t.p_std, sigma_data, labels, noise), {}
 
     def lr_at(step: int) -> float:
         return t.lr * min((step + 1) * t.batch / max(t.lr_rampup_kimg * 1000, 1e-8), 1.0)

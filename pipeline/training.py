@@ -1,14 +1,23 @@
-"""The training loop shared by train_teacher, distill_cd and train_ct.
+"""The training loop shared by train_teacher, distill_cd, train_ct and the Figure 3 ablations.
 
-It owns what the three have in common: batches, optimiser, the evaluated EMA, the progress bar,
-MLflow logging, and preemption safety. A resume checkpoint (<output>.resume.pt) is written atomically
-every `checkpoint_every` steps and on SIGTERM/SIGINT; a re-run with the same params continues from it
-(same MLflow run, same RNG streams). The stage supplies the loss and what happens after each step.
+It owns what they have in common: batches, optimiser, the evaluated EMA, the progress bar, MLflow logging,
+data parallelism and preemption safety. The stage supplies the loss, what happens after each step, and (as
+plain arguments) where the data and the checkpoint live and the params fingerprint.
+
+Data parallel: `batch` is the global batch. Every process draws the same global batch (rows, flips) and
+computes the rows [rank * B / W, (rank + 1) * B / W) in micro-batches of `micro_batch`; the random numbers of
+each row (noise z, sigma, index n) depend only on (seed, step, row), so 1 process, W processes and gradient
+accumulation follow the same trajectory up to float rounding, and a run may resume on another number of GPUs.
+
+Preemption: a resume checkpoint (<output>.resume.pt) is written atomically by rank 0 every
+`checkpoint_every` steps and on SIGTERM/SIGINT, and on SLURM's warning signal (SIGURG, or SIGUSR1), after
+which the job requeues itself. A re-run with the same params continues from it (same MLflow run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import signal
 import sys
@@ -16,77 +25,118 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import tracking
-from pipeline.config import Config
+from pipeline import distributed, tracking
+from pipeline.config import Config, split_batch
 from pipeline.data import Batches, atomic_write, load_split
+from pipeline.distributed import Context
 from pipeline.models import atomic_save, ema_update, frozen_copy
-from pipeline.stages import TRAIN_STAGE, checkpoint, data_dir, loss_figure, stages
+from pipeline.noise import Noise
 
-# (step, images, labels or None) -> (loss, extra logs); labels are None for unconditional models
-LossFn = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
+# (step, images, labels or None, noise of those rows) -> (loss, extra logs); labels None when unconditional
+LossFn = Callable[[int, torch.Tensor, torch.Tensor | None, Noise], tuple[torch.Tensor, dict]]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WARNING_SIGNALS = (signal.SIGURG, signal.SIGUSR1)  # SLURM's "time limit ahead" (sbatch --signal): requeue
+_received: list[int] = []  # signals seen since setup_training(); the loop stops at the next step boundary
+_original: dict = {}  # the handlers before the first _catch_signals(), restored when training ends
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: run.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
+def _catch_signals() -> None:
+    """Record stop and warning signals instead of dying of them."""
+    for s in STOP_SIGNALS + WARNING_SIGNALS:
+        previous = signal.signal(s, lambda signum, frame: _received.append(signum))
+        _original.setdefault(s, previous)
 
 
 def setup_torch(cfg: Config) -> torch.device:
+    """Threads, seed and device of a single-process stage."""
+    return setup_training(cfg).device
+
+
+def setup_training(cfg: Config) -> Context:
+    """Threads, seed and the process group the launcher set up (one process: a trivial context). Signals are
+    caught from here on, so that a warning that arrives while the models load is not lost."""
+    _catch_signals()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    return resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    return distributed.init(cfg.run.device)
 
 
-class _Interrupted(Exception):
+class _Stop(Exception):
     pass
+
+
+def replica_checksum(modules: dict[str, nn.Module]) -> str:
+    """SHA-256 of every parameter and buffer, bit for bit (equal on every rank unless replicas diverged)."""
+    digest = hashlib.sha256()
+    for name, module in modules.items():
+        for key, tensor in module.state_dict().items():
+            digest.update(f"{name}.{key}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Training:
     """Trains `model` (online weights) and keeps `ema` (the evaluated weights); `extra` holds further
-    modules whose state must survive a resume (the target network of CD and CT). `stage` and `output` default
-    to the model's training stage and checkpoint (the ablation runs name their own)."""
+    modules whose state must survive a resume (the target network of CD and CT).
 
-    def __init__(self, kind: str, cfg: Config, section, model: nn.Module, device: torch.device,
-                 optimizer: str = "adam", extra: dict[str, nn.Module] | None = None, stage: str | None = None,
-                 output: str | None = None, tags: dict | None = None):
-        self.kind, self.cfg, self.section, self.device = kind, cfg, section, device
-        self.stage = next(s for s in stages(cfg) if s.name == (stage or TRAIN_STAGE[kind]))
-        self.output = Path(output or checkpoint(cfg, kind))
+    stage, output, data, fingerprint, loss_plot: the stage's name, checkpoint, prepared-data folder, params
+    fingerprint (a resume checkpoint from other params is not used) and loss figure (None: no figure);
+    micro_batch: the most rows one process computes at once (None: its whole share of the batch)."""
+
+    def __init__(self, kind: str, cfg: Config, section, model: nn.Module, ctx: Context, *, stage: str, output: str,
+                 data: str, fingerprint: str, loss_plot: str | None = None, micro_batch: int | None = None,
+                 optimizer: str = "adam", extra: dict[str, nn.Module] | None = None, tags: dict | None = None):
+        self.kind, self.cfg, self.section, self.ctx, self.device = kind, cfg, section, ctx, ctx.device
+        self.stage, self.output, self.fingerprint = stage, Path(output), fingerprint
+        self.loss_plot = Path(loss_plot) if loss_plot else None
         self.resume_path = self.output.with_suffix(".resume.pt")
         self.tags = {"model": kind, **(tags or {})}
+        try:
+            self.micro_batch, self.accumulation = split_batch(section.batch, ctx.world_size, micro_batch)
+        except ValueError as e:
+            raise SystemExit(f"error: {stage}: {e}") from None
+        self.rank_rows = section.batch // ctx.world_size
         # Autocast on CUDA only: CPU runs (tests, the demo) stay in fp32 whatever the preset asks.
-        precision = cfg.run.mixed_precision if device.type == "cuda" else "none"
+        self.dtype = getattr(torch, cfg.run.dtype)
+        precision = cfg.run.mixed_precision if self.device.type == "cuda" and cfg.run.dtype == "float32" else "none"
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        self.model = model.to(device).train()
+        self.model = model.to(self.device, self.dtype).train()
         self.ema = frozen_copy(self.model)
-        self.extra = extra or {}
+        self.extra = {name: module.to(self.device, self.dtype) for name, module in (extra or {}).items()}
+        if ctx.world_size > 1:  # gradients averaged over ranks; rank 0's initial weights broadcast
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.online: nn.Module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.online = self.model
         opt_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[optimizer]
         self.optimizer = opt_class(self.model.parameters(), lr=section.lr)
-        images, labels = load_split(data_dir(cfg), "train")
+        images, labels = load_split(data, "train")
         self.conditional = cfg.data.label_dim > 0
         self.batches = Batches(images, labels, section.batch, cfg.data.hflip, seed=cfg.run.seed)
         self.step, self.history, self.evaluations, self.run_id = 0, [], [], None
-        self.fingerprint = self.stage.param_values(cfg)
+        torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)  # dropout: each rank its own masks
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, self.autocast_dtype)
 
+    def say(self, message: str) -> None:
+        if self.ctx.main:
+            print(message, file=sys.stderr, flush=True)
+
     # ---------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "kind": self.kind, "step": self.step, "fingerprint": self.fingerprint,
+            "world_size": self.ctx.world_size, "micro_batch": self.micro_batch,
             "network": self.cfg.raw["network"], "diffusion": self.cfg.raw["diffusion"], "config": self.cfg.raw,
             "shape": {"resolution": self.cfg.data.spec.resolution, "label_dim": self.cfg.data.label_dim},
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
@@ -96,12 +146,23 @@ class Training:
             "evaluations": self.evaluations, "mlflow_run_id": self.run_id,
         }
 
+    def save(self, path: Path) -> None:
+        """Check that every rank holds the same weights, then write the checkpoint from rank 0."""
+        sums = distributed.gather(self.ctx, replica_checksum({"model": self.model, "ema": self.ema, **self.extra}))
+        if len(set(sums)) > 1:
+            bad = [rank for rank, s in enumerate(sums) if s != sums[0]]
+            raise SystemExit(f"error: {self.stage}: at step {self.step} the weights of rank(s) {bad} (online, EMA "
+                             f"or target) differ from rank 0's: the replicas diverged; no checkpoint written")
+        if self.ctx.main:
+            atomic_save(self.state(), path)
+        distributed.barrier(self.ctx)
+
     def try_resume(self) -> None:
         if not self.resume_path.is_file():
             return
         state = torch.load(self.resume_path, map_location="cpu", weights_only=False)
         if state.get("fingerprint") != self.fingerprint:
-            print(f"{self.resume_path}: params changed since it was written; starting afresh", file=sys.stderr)
+            self.say(f"{self.resume_path}: params changed since it was written; starting afresh")
             return
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -110,76 +171,120 @@ class Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state.get("scaler", {}))
         self.batches.load_state_dict(state["batches"])
-        torch.set_rng_state(state["torch_rng"])
+        if self.ctx.world_size == 1 and state.get("world_size", 1) == 1:
+            torch.set_rng_state(state["torch_rng"])  # dropout masks continue exactly where one process stopped
         self.step, self.history, self.run_id = state["step"], state["history"], state["mlflow_run_id"]
         self.evaluations = state.get("evaluations", [])
-        print(f"resuming {self.kind} from step {self.step} ({self.resume_path})", file=sys.stderr)
+        was = state.get("world_size", 1)
+        self.say(f"resuming {self.kind} from step {self.step} ({self.resume_path})"
+                 + (f", written by {was} processes, now {self.ctx.world_size}" if was != self.ctx.world_size else ""))
 
     # ---------------------------------------------------------------------------------------------
+    def _step(self, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+        """One optimiser step over this rank's rows of the global batch; returns their summed loss."""
+        index, flip = self.batches.draw()
+        first = self.ctx.rank * self.rank_rows
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, logs = torch.zeros((), device=self.device), {}
+        for k in range(self.accumulation):
+            rows = slice(first + k * self.micro_batch, first + (k + 1) * self.micro_batch)
+            x, labels = self.batches.load(index[rows], flip[rows])
+            x = x.to(self.device, self.dtype, non_blocking=True)
+            labels = labels.to(self.device) if self.conditional else None
+            noise = Noise(self.cfg.run.seed, self.step, rows.start, self.micro_batch, self.device)
+            sync = k == self.accumulation - 1 or self.ctx.world_size == 1
+            with (contextlib.nullcontext() if sync else self.online.no_sync()), self.autocast():
+                loss, logs = loss_fn(self.step, x, labels, noise)
+            # The gradient of this rank's mean; DDP then averages the ranks: the global batch's mean.
+            self.scaler.scale(loss * (self.micro_batch / self.rank_rows)).backward()
+            loss_sum += loss.detach().float() * self.micro_batch
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss_sum, logs
+
     def fit(self, loss_fn: LossFn, ema_rate: Callable[[int], float],
             after_step: Callable[[int], dict] | None = None,
             lr_at: Callable[[int], float] | None = None) -> None:
         """Run to `section.iterations` steps, then write the checkpoint (model, ema, extra) atomically."""
         self.try_resume()
-        total, section = self.section.iterations, self.section
-        interrupted = []
-        previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-        with tracking.stage_run(self.stage.name, self.cfg, run_id=self.run_id, tags=self.tags) as run:
-            self.run_id = run.info.run_id
-            bar = tqdm(total=total, initial=self.step, desc=self.stage.name, unit="step", mininterval=1,
-                       dynamic_ncols=True)
-            window_start, window_images, losses = time.perf_counter(), 0, []
+        total, section, main = self.section.iterations, self.section, self.ctx.main
+        received = _received
+        _catch_signals()
+        parallel = {"world_size": self.ctx.world_size, "micro_batch": self.micro_batch,
+                    "accumulation": self.accumulation}
+        run_context = tracking.stage_run(self.stage, self.cfg, run_id=self.run_id, tags=self.tags,
+                                         extra_params=parallel) if main else contextlib.nullcontext()
+        with run_context as run:
+            self.run_id = run.info.run_id if main else None
+            if main:
+                tracking.log_metrics({"world_size": self.ctx.world_size}, step=self.step)
+            bar = tqdm(total=total, initial=self.step, desc=self.stage, unit="step", mininterval=1,
+                       dynamic_ncols=True, disable=not main)
+            window_start, window_first = time.perf_counter(), self.step
+            window_loss = torch.zeros((), device=self.device)
             try:
                 while self.step < total:
-                    x, labels = self.batches.next()
-                    x, labels = x.to(self.device), labels.to(self.device) if self.conditional else None
                     if lr_at is not None:
                         for group in self.optimizer.param_groups:
                             group["lr"] = lr_at(self.step)
-                    with self.autocast():
-                        loss, logs = loss_fn(self.step, x, labels)
-                    if not math.isfinite(loss.item()):
-                        raise FloatingPointError(f"{self.stage.name}: loss is {loss.item()} at step {self.step}")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    loss_sum, logs = self._step(loss_fn)
                     ema_update(self.ema, self.model, ema_rate(self.step))
                     logs.update(after_step(self.step) if after_step else {})
                     self.step += 1
-                    losses.append(loss.item())
-                    window_images += x.shape[0]
+                    window_loss += loss_sum
                     bar.update(1)
                     if self.step % section.log_every == 0 or self.step == total:
-                        elapsed = time.perf_counter() - window_start
-                        logs.update(loss=float(np.mean(losses)), img_per_s=window_images / max(elapsed, 1e-9),
-                                    lr=self.optimizer.param_groups[0]["lr"])
-                        tracking.log_metrics(logs, step=self.step)
-                        self.history.append((self.step, logs["loss"]))
-                        bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['img_per_s']:.0f}")
-                        window_start, window_images, losses = time.perf_counter(), 0, []
+                        window_loss = self._log(window_loss, window_first, window_start, logs, bar)
+                        window_start, window_first = time.perf_counter(), self.step
                     if self.step % section.checkpoint_every == 0 and self.step < total:
-                        atomic_save(self.state(), self.resume_path)
-                    if interrupted:
-                        raise _Interrupted()
-            except _Interrupted:
-                atomic_save(self.state(), self.resume_path)
+                        self.save(self.resume_path)
+                    signum = distributed.max_over_ranks(self.ctx, received[0] if received else 0)
+                    if signum:
+                        raise _Stop()
+            except _Stop:
+                self.save(self.resume_path)
                 bar.close()
-                print(f"interrupted at step {self.step}: saved {self.resume_path}; re-run to resume",
-                      file=sys.stderr)
-                raise SystemExit(128 + interrupted[0]) from None
+                self._stopped(signum)
             finally:
-                for s, handler in previous.items():
+                for s, handler in _original.items():
                     signal.signal(s, handler)
             bar.close()
-            atomic_save(self.state(), self.output)
-            self.resume_path.unlink(missing_ok=True)
-            if self.output == Path(checkpoint(self.cfg, self.kind)):
-                plot = Path(loss_figure(self.cfg, self.kind))
-                plot_loss(self.history, plot, f"{self.stage.name} ({self.cfg.preset})")
-                tracking.log_artifact(plot)
-        print(f"wrote {self.output} after {self.step} steps", file=sys.stderr)
+            self.save(self.output)
+            if main:
+                self.resume_path.unlink(missing_ok=True)
+                if self.loss_plot is not None:
+                    plot_loss(self.history, self.loss_plot, f"{self.stage} ({self.cfg.preset})")
+                    tracking.log_artifact(self.loss_plot)
+        self.say(f"wrote {self.output} after {self.step} steps")
+
+    def _log(self, window_loss: torch.Tensor, first: int, started: float, logs: dict, bar: tqdm) -> torch.Tensor:
+        """Mean loss of the window's global batches (the one host sync of the window), img/s, MLflow."""
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(window_loss)
+        steps = self.step - first
+        loss = window_loss.item() / (steps * self.section.batch)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{self.stage}: loss is {loss} in steps {first + 1}..{self.step}")
+        elapsed = time.perf_counter() - started
+        if self.ctx.main:
+            logs.update(loss=loss, img_per_s=steps * self.section.batch / max(elapsed, 1e-9),
+                        lr=self.optimizer.param_groups[0]["lr"])
+            tracking.log_metrics(logs, step=self.step)
+            self.history.append((self.step, loss))
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{logs['img_per_s']:.0f}")
+        return torch.zeros((), device=self.device)
+
+    def _stopped(self, signum: int) -> None:
+        """After the resume checkpoint: requeue on SLURM's warning signal, else exit for a later re-run."""
+        if signum in WARNING_SIGNALS and self.cfg.cluster.requeue:
+            if self.ctx.main:
+                why = distributed.requeue_slurm_job()
+                self.say(f"time limit ahead at step {self.step}: saved {self.resume_path}; "
+                         + ("requeued this SLURM job, which resumes from it" if why is None
+                            else f"could not requeue ({why}); re-run to resume"))
+        else:
+            self.say(f"interrupted at step {self.step}: saved {self.resume_path}; re-run to resume")
+        raise SystemExit(128 + signum)
 
 
 def plot_loss(history: list[tuple[int, float]], path: Path, title: str) -> None:

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from pipeline.prepare_data import CLASSES
@@ -52,3 +54,53 @@ def run(args: list[str], ws: Path, env: dict, timeout: int = 900) -> subprocess.
     result = subprocess.run(args, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+TRAINING_STAGES = ("train_teacher", "distill_cd", "train_ct")
+TRAINED = ("teacher", "cd", "ct")
+
+
+def set_training_resources(ws: Path, cpus: int = 1, runtime: int = 10, mem_mb: int = 1000,
+                           stages: tuple[str, ...] = TRAINING_STAGES, **fields) -> None:
+    """Set the micro preset's resources of training stages: cpus and memory per node, the time limit in minutes
+    and e.g. processes=2, launch='srun'."""
+    text = (ws / "params.yaml").read_text()
+    extra = "".join(f", {k}: {v}" for k, v in fields.items())
+    for stage in stages:
+        line = rf"(?m)^      {stage}: +\{{gpu: 0, cpus: 1, mem_mb: 1000, runtime: 10, nodes: 1\}}$"
+        new = f"      {stage}: {{gpu: 0, cpus: {cpus}, mem_mb: {mem_mb}, runtime: {runtime}, nodes: 1{extra}}}"
+        text, n = re.subn(line, new, text)
+        assert n == 1, f"the micro preset's resources line of {stage} not found"
+    (ws / "params.yaml").write_text(text)
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """The largest of max |a_k - b_k| / max |a_k| over the floating-point tensors k of two state dicts."""
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item()
+               for k in a if a[k].is_floating_point() and a[k].abs().max() > 0)
+
+
+def use_float64(ws: Path) -> None:
+    """Train the workspace's micro preset in float64, so that float rounding cannot hide a difference of layouts."""
+    text = (ws / "params.yaml").read_text()
+    assert "\n  micro:" in text
+    (ws / "params.yaml").write_text(text.replace("\n  micro:", "\n  micro:\n    run: {dtype: float64}", 1))
+
+
+def largest_difference(first: dict, second: dict, keys=("model", "ema")) -> float:
+    """The largest relative difference of two checkpoints' online, EMA and target (if any) weights."""
+    pairs = [(first[k], second[k]) for k in keys] + [(first["extra"][k], second["extra"][k]) for k in first["extra"]]
+    return max(relative_difference(a, b) for a, b in pairs)
+
+
+@pytest.fixture(scope="session")
+def micro_reference(tmp_path_factory) -> dict:
+    """The micro DAG's three training checkpoints (float64), one process each: what other layouts must reproduce."""
+    ws, env = workspace(tmp_path_factory.mktemp("reference"))
+    use_float64(ws)
+    targets = [f"checkpoints/cifar10/{kind}.pt" for kind in TRAINED]
+    run([sys.executable, "-m", "snakemake", "--cores", "2", *targets], ws, env)
+    out: dict = {"targets": targets}
+    for kind in TRAINED:
+        out[kind] = torch.load(ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
+    return out

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,141 @@ def test_pipeline_dryrun_with_profile():
     assert proc.returncode == 0, _tail(out)
     assert "Job stats:" in out and re.search(r"^total\s+\d+", out, re.M), _tail(out)
     assert "This was a dry-run" in out, _tail(out)
+
+
+# --- data-parallel training through sbatch ----------------------------------------------------------------
+
+
+def _submitted(log: str) -> dict[str, str]:
+    """{rule: SLURM job id} from Snakemake's log (rule blocks name their jobid; the plugin maps it to SLURM's)."""
+    rule_of, current = {}, None
+    for line in log.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):", line.strip()):
+            current = match.group(1)
+        elif (match := re.match(r"^jobid: (\d+)$", line.strip())) and current:
+            rule_of[match.group(1)] = current
+    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
+    return {rule_of[job]: slurm for job, slurm in submitted if job in rule_of}
+
+
+def _steps(job: str) -> dict[str, dict[str, str]]:
+    """sacct rows of a job and its steps: {step name: fields}."""
+    fields = "JobID,JobName,State,NTasks,ReqCPUS,AllocCPUS,NNodes"
+    out = subprocess.run(["sacct", "-n", "-P", "-j", job, f"--format={fields}"], capture_output=True, text=True,
+                         check=True).stdout
+    names = fields.split(",")
+    return {row["JobID"]: row for row in (dict(zip(names, line.split("|"))) for line in out.splitlines() if line)}
+
+
+@pytest.fixture(scope="module")
+def parallel_dag(slurm_cluster, tmp_path_factory, micro_reference):
+    """The micro DAG's training stages on 2 processes each through sbatch: the teacher and CD under torchrun in
+    one task, CT as two srun tasks (the multi-node launch path, on the one node)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import set_training_resources, use_float64, workspace
+
+    ws, env = workspace(tmp_path_factory.mktemp("parallel"))
+    use_float64(ws)
+    set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_teacher", "distill_cd"), processes=2)
+    set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_ct",), processes=2, launch="srun")
+    cmd = [*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", "-j", "1", *FAST_POLLING, "-p",
+           "--slurm-keep-successful-logs", *micro_reference["targets"]]
+    proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=1200, env=_env(**{
+        k: env[k] for k in ("CIFAR10_SOURCE", "PYTHONPATH", "MLFLOW_TRACKING_URI", "PATH")}))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"snakemake failed (rc={proc.returncode}):\n{_tail(log, 120)}"
+    return ws, log
+
+
+def test_two_process_training_through_sbatch_matches_one_process(parallel_dag, micro_reference):
+    import torch
+    from conftest import TRAINED, largest_difference
+
+    ws, _ = parallel_dag
+    for kind in TRAINED:
+        mine = torch.load(ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
+        assert mine["world_size"] == 2, kind
+        assert largest_difference(micro_reference[kind], mine) < 1e-5, kind
+
+
+def test_sacct_shows_the_tasks_and_cpus_of_each_layout(parallel_dag):
+    _, log = parallel_dag
+    jobs = _submitted(log)
+    assert {"train_teacher", "distill_cd", "train_ct"} <= set(jobs), log[-3000:]
+    for rule in ("train_teacher", "distill_cd"):  # one task of 2 CPUs; torchrun starts the 2 processes in it
+        steps = _steps(jobs[rule])
+        job = steps[jobs[rule]]
+        assert job["State"] == "COMPLETED" and job["ReqCPUS"] == "2", steps
+        assert steps[f"{jobs[rule]}.0"]["NTasks"] == "1", steps
+    steps = _steps(jobs["train_ct"])  # srun: one task per process, 1 CPU each
+    assert steps[jobs["train_ct"]]["ReqCPUS"] == "2" and steps[jobs["train_ct"]]["State"] == "COMPLETED", steps
+    srun_steps = [row for name, row in steps.items() if name.split(".")[-1].isdigit()]
+    assert [row["NTasks"] for row in srun_steps] == ["2"], steps
+    ws, _ = parallel_dag
+    slurm_log = "\n".join(p.read_text() for p in (ws / ".snakemake/slurm_logs").rglob(f"{jobs['train_ct']}.log"))
+    assert "srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1" in slurm_log, slurm_log[-3000:]
+
+
+def _release_requeued(stop: threading.Event, seen: list[str]) -> None:
+    """SLURM holds a requeued job for about two minutes (Reason=BeginTime); start it now to keep the test short."""
+    while not stop.is_set():
+        out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            job, reason = line.split(maxsplit=1)
+            if reason.strip() == "BeginTime":
+                seen.append(job)
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        stop.wait(2)
+
+
+def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterrupted_run(slurm_cluster, tmp_path):
+    import torch
+    from conftest import largest_difference, run, set_training_resources, workspace
+
+    iterations = 700  # about 70 s of training on one core: longer than the first leg can be
+    edits = {"teacher: {iterations: 4, batch: 4,": f"teacher: {{iterations: {iterations}, batch: 4,",
+             "ema_halflife_kimg: 0.01,\n              checkpoint_every: 2, log_every: 1}":
+             "ema_halflife_kimg: 0.01,\n              checkpoint_every: 100000, log_every: 50}",
+             "  warn_seconds: 300 ": "  warn_seconds: 30 "}
+    workspaces = []
+    for name in ("cluster", "reference"):
+        ws, env = workspace(tmp_path / name)
+        text = (ws / "params.yaml").read_text()
+        for old, new in edits.items():
+            assert old in text, old
+            text = text.replace(old, new)
+        (ws / "params.yaml").write_text(text)
+        workspaces.append((ws, env))
+    (ws, env), (ref_ws, ref_env) = workspaces
+    set_training_resources(ws, runtime=1, mem_mb=2000)  # sbatch -t 1 and --signal=URG@30
+    run([sys.executable, "-m", "pipeline.prepare_data"], ref_ws, ref_env)
+    reference = subprocess.Popen([sys.executable, "-m", "pipeline.train_teacher", "--set", "run.threads=1"],
+                                 cwd=ref_ws, env=ref_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stop, released = threading.Event(), []
+    releaser = threading.Thread(target=_release_requeued, args=(stop, released), daemon=True)
+    releaser.start()
+    try:
+        cmd = [*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", "-j", "1", *FAST_POLLING,
+               "--slurm-keep-successful-logs", "checkpoints/cifar10/teacher.pt"]
+        proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=1500, env=_env(
+            **{k: env[k] for k in ("CIFAR10_SOURCE", "PYTHONPATH", "MLFLOW_TRACKING_URI", "PATH")},
+            OMP_NUM_THREADS="1"))
+    finally:
+        stop.set()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"snakemake failed (rc={proc.returncode}):\n{_tail(log, 120)}"
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+
+    job = _submitted(log)["train_teacher"]
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "--format=JobID,State,Timelimit"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    states = [row.split("|")[1] for row in history]
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED" and "TIMEOUT" not in states, history
+    assert job in released
+    slurm_log = "\n".join(p.read_text() for p in (ws / ".snakemake/slurm_logs").rglob(f"{job}.log"))
+    assert "time limit ahead at step" in slurm_log and "requeued this SLURM job" in slurm_log, slurm_log[-3000:]
+    assert "resuming teacher from step" in slurm_log, slurm_log[-3000:]
+    resumed = torch.load(ws / "checkpoints/cifar10/teacher.pt", map_location="cpu", weights_only=False)
+    uninterrupted = torch.load(ref_ws / "checkpoints/cifar10/teacher.pt", map_location="cpu", weights_only=False)
+    assert resumed["step"] == uninterrupted["step"] == iterations
+    assert largest_difference(uninterrupted, resumed) == 0  # bit for bit
