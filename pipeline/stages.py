@@ -129,7 +129,8 @@ def slurm_resources(cfg: Config, stage: Stage) -> dict:
 
     One node: --gpus=G and one task (torchrun starts the processes inside it). Several nodes (or launch: srun):
     an `mpi` job of --nodes=N --ntasks-per-node=P with --gres=gpu:G per node; the command runs srun itself.
-    Training jobs ask for SIGURG cluster.warn_seconds before their time limit, checkpoint and requeue."""
+    Training jobs ask for SIGURG cluster.warn_seconds before their time limit, checkpoint and requeue; their log
+    keeps every leg of the chain (--open-mode=append)."""
     r = cfg.resources[stage.resources]
     out = {"mem_mb": r.mem_mb, "runtime": r.runtime}
     if stage.training and r.launcher == "srun":
@@ -139,7 +140,7 @@ def slurm_resources(cfg: Config, stage: Stage) -> dict:
     else:
         out |= {"cpus_per_task": r.cpus} | ({"gpu": r.gpu} if r.gpu else {})
     if stage.training:
-        out["slurm_extra"] = f"--signal=URG@{cfg.cluster.warn_seconds}"
+        out["slurm_extra"] = f"--signal=URG@{cfg.cluster.warn_seconds} --open-mode=append"
     return out
 
 

@@ -156,13 +156,13 @@ def test_slurm_requests_of_the_paper_presets():
     cifar = load(ROOT / "params.yaml", "paper_cifar10")
     cd = next(s for s in stages(cifar) if s.name == "distill_cd")
     assert slurm_resources(cifar, cd) == {"mem_mb": 256000, "runtime": 1440, "cpus_per_task": 64, "gpu": 8,
-                                          "slurm_extra": "--signal=URG@300"}
+                                          "slurm_extra": "--signal=URG@300 --open-mode=append"}
     imagenet = load(ROOT / "params.yaml", "paper_imagenet64")
     cd = next(s for s in stages(imagenet) if s.name == "distill_cd")
     assert imagenet.resources["distill_cd"].world_size == 64
     assert slurm_resources(imagenet, cd) == {"mem_mb": 256000, "runtime": 1440, "mpi": "srun", "nodes": 8,
                                              "cpus_per_task": 8, "tasks_per_node": 8, "gres": "gpu:8",
-                                             "slurm_extra": "--signal=URG@300"}
+                                             "slurm_extra": "--signal=URG@300 --open-mode=append"}
     sample = next(s for s in stages(imagenet) if s.name == "sample_cd")
     assert "slurm_extra" not in slurm_resources(imagenet, sample)
     assert all(s.cmd.startswith("python -m pipeline.launch ") == s.training for s in stages(imagenet))
