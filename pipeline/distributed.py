@@ -48,15 +48,21 @@ def _first_node(nodelist: str) -> str:
     return hosts.stdout.split()[0]
 
 
-def init(device: str = "auto") -> Context:
+def device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """run.device ('auto', 'cpu' or 'cuda') for the process of this local rank (its own GPU on a node)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: run.device is 'cuda' but no CUDA device is available")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def init(device_name: str = "auto") -> Context:
     """Join the process group the launcher describes (nothing to join for one process)."""
     rank, world, local_rank = _launch_env()
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: run.device is 'cuda' but no CUDA device is available")
-    if cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    where = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    where = device(device_name, local_rank)
+    cuda = where.type == "cuda"
     if world == 1:
         return Context(0, 1, 0, where)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)

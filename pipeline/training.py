@@ -52,18 +52,23 @@ def _catch_signals() -> None:
         _original.setdefault(s, previous)
 
 
+def _threads_and_seed(cfg: Config) -> None:
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)  # in training: the same initial weights on every rank
+
+
 def setup_torch(cfg: Config) -> torch.device:
-    """Threads, seed and device of a single-process stage."""
-    return setup_training(cfg).device
+    """Threads, seed and device of a single-process stage (sampling, evaluation, editing)."""
+    _threads_and_seed(cfg)
+    return distributed.device(cfg.run.device)
 
 
 def setup_training(cfg: Config) -> Context:
     """Threads, seed and the process group the launcher set up (one process: a trivial context). Signals are
     caught from here on, so that a warning that arrives while the models load is not lost."""
     _catch_signals()
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    _threads_and_seed(cfg)
     return distributed.init(cfg.run.device)
 
 
