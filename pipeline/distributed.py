@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,18 @@ def gather(ctx: Context, obj: Any) -> list[Any]:
 def barrier(ctx: Context) -> None:
     if ctx.world_size > 1:
         dist.barrier(group=ctx.control)
+
+
+def slurm_end_time() -> float | None:
+    """When SLURM ends this job (seconds since the epoch), or None outside SLURM or without a time limit."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=30)
+        return time.mktime(time.strptime(out.stdout.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
 
 
 def requeue_slurm_job() -> str | None:

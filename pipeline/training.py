@@ -215,6 +215,10 @@ class Training:
         total, section, main = self.section.iterations, self.section, self.ctx.main
         received = _received
         _catch_signals()
+        # SLURM may send its warning up to a minute early, before this process could catch it: the job's end time
+        # stands in for a lost signal.
+        end = distributed.slurm_end_time() if self.cfg.cluster.requeue else None
+        warn_at = end - self.cfg.cluster.warn_seconds if end is not None else math.inf
         parallel = {"world_size": self.ctx.world_size, "micro_batch": self.micro_batch,
                     "accumulation": self.accumulation}
         run_context = tracking.stage_run(self.stage, self.cfg, run_id=self.run_id, tags=self.tags,
@@ -243,6 +247,8 @@ class Training:
                         window_start, window_first = time.perf_counter(), self.step
                     if self.step % section.checkpoint_every == 0 and self.step < total:
                         self.save(self.resume_path)
+                    if not received and time.time() >= warn_at:
+                        received.append(signal.SIGURG)
                     signum = distributed.max_over_ranks(self.ctx, received[0] if received else 0)
                     if signum:
                         raise _Stop()

@@ -271,7 +271,7 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
     import torch
     from conftest import largest_difference, run, set_training_resources, workspace
 
-    iterations = 300  # about 30 s of training on one core; each leg trains for about 10 s before its warning
+    iterations = 300  # about 30 s of training on one core; each leg trains for about 15 s before its warning
     edits = {"teacher: {iterations: 4, batch: 4,": f"teacher: {{iterations: {iterations}, batch: 4,",
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 2, log_every: 1}":
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 100000, log_every: 50}",
