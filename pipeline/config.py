@@ -608,6 +608,9 @@ def _parallel_checks(s: dict, where: str) -> None:
         if stage not in s["resources"]:
             raise ConfigError(f"{where}resources.{stage}: missing (every training stage needs its resources)")
         r = s["resources"][stage]
+        if r.runtime * 60 <= cluster.warn_seconds:
+            raise ConfigError(f"{where}resources.{stage}.runtime: {r.runtime} min leaves no time to train before the "
+                              f"warning cluster.warn_seconds = {cluster.warn_seconds} s ahead of the limit")
         runs = [(kind, s[kind])] + [(f"ablation.runs.{name}", ablation_section(s[kind], run))
                                     for name, run in s["ablation"].runs.items() if run.get("model") == kind]
         for label, section in runs:

@@ -102,6 +102,8 @@ def test_split_batch():
     ("resources.train_teacher.gpu=16", "resources.train_teacher.gpu: 16 GPUs per node, but a node holds "
                                        "cluster.gpus_per_node = 8"),
     ("resources.distill_cd.processes=9", "resources.distill_cd.processes: at most one process per GPU"),
+    ("resources.train_ct.runtime=5", "resources.train_ct.runtime: 5 min leaves no time to train before the "
+                                      "warning cluster.warn_seconds = 300 s ahead of the limit"),
     ("resources.train_ct.launch=srun", None),  # 8 processes on one node through srun: fine
     ("resources.train_ct.nodes=2", None),
 ])
