@@ -45,17 +45,19 @@ class Noise:
         k1, k2 = _key(self.seed, self.step, stream, draw, 1), _key(self.seed, self.step, stream, draw, 2)
         return hash32(hash32(low ^ k1) ^ (high ^ k2))
 
+    def _unit(self, stream: int, draw: int, numel: int) -> torch.Tensor:
+        """(count, numel) uniforms in (0, 1), never exactly 0."""
+        return (self._bits(stream, draw, numel).to(torch.float32) + 0.5) * 2.0**-32
+
     def uniform(self, stream: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
         """U(0, 1), never exactly 0, of shape (count, *shape)."""
-        numel = math.prod(shape)
-        u = (self._bits(stream, 0, numel).to(torch.float32) + 0.5) * 2.0**-32
-        return u.reshape(self.count, *shape)
+        return self._unit(stream, 0, math.prod(shape)).reshape(self.count, *shape)
 
     def normal(self, stream: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
         """N(0, 1) of shape (count, *shape), by Box-Muller from two independent uniforms."""
         numel = math.prod(shape)
-        u1 = (self._bits(stream, 0, numel).to(torch.float32) + 0.5) * 2.0**-32
-        u2 = self._bits(stream, 1, numel).to(torch.float32) * 2.0**-32
+        u1 = self._unit(stream, 0, numel)
+        u2 = self._bits(stream, 1, numel).to(torch.float32) * 2.0**-32  # cos needs no guard at 0
         z = torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
         return z.reshape(self.count, *shape)
 

