@@ -42,8 +42,12 @@ class Run:
     threads: int  # torch CPU threads; 0 = leave torch's default
     experiment: str
     tracking_uri: str  # the environment variable MLFLOW_TRACKING_URI wins when set
-    mixed_precision: Literal["none", "fp16", "bf16"]  # training forward passes under autocast on CUDA (Table 3: fp16)
+    mixed_precision: Literal["none", "fp16", "bf16"]  # autocast of training passes (Table 3: fp16); fp16: CUDA only
     dtype: Literal["float32", "float64"]  # of training weights; float64 only for numerical checks (tests of layouts)
+    compile: bool  # torch.compile the networks of training and sampling
+    tf32: bool  # TF32 matmuls and convolutions for the fp32 parts on CUDA
+    channels_last: bool  # NHWC memory layout of the training networks and batches
+    data_placement: Literal["auto", "device", "stream"]  # training split on the GPU, or streamed by a thread
 
     def problems(self) -> list[tuple[str, str]]:
         return [("threads", "must be >= 0")] if self.threads < 0 else []

@@ -19,7 +19,7 @@ from pipeline import cm
 from pipeline.config import Config, Distill, stage_cli
 from pipeline.distributed import Context
 from pipeline.lpips import training_distance
-from pipeline.models import ema_update, frozen_copy, load_model, model_for
+from pipeline.models import compile_module, ema_update, frozen_copy, load_model, model_for
 from pipeline.noise import Noise, TorchNoise
 from pipeline.stages import checkpoint, training_io
 from pipeline.training import Training, setup_training
@@ -49,6 +49,9 @@ def trainer(cfg: Config, c: Distill, ctx: Context, **training_args: Any) -> tupl
     d, device = cfg.diffusion, ctx.device
     distance = training_distance(c.metric, cfg.lpips, device)  # fails early if LPIPS weights are missing
     teacher = load_model(checkpoint(cfg, "teacher"), device).to(getattr(torch, cfg.run.dtype))
+    if cfg.run.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    compile_module(teacher, cfg.run.compile)
     student = model_for("cd", cfg, c.dropout)
     if c.init_from_teacher:
         student.net.load_state_dict(teacher.net.state_dict())

@@ -84,12 +84,21 @@ def model_for(kind: str, cfg: Any, dropout: float) -> Preconditioned:
 
 
 def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * model, parameter by parameter; buffers are copied."""
+    """ema <- rate * ema + (1 - rate) * model in one fused multi-tensor lerp (a few kernels for all parameters,
+    no host sync); buffers are copied."""
     with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1 - rate)
-        for b_ema, b in zip(ema.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - rate)
+        buffers = list(ema.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
+
+
+def compile_module(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """torch.compile `module` in place when enabled (its state_dict keys stay as they are, unlike torch.compile's
+    wrapper). Shapes that change (the last, smaller batch of a sampler) compile once more, then dynamically."""
+    if enabled:
+        module.compile()
+    return module
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from pipeline.config import stage_cli
 from pipeline.data import atomic_write, write_json
 from pipeline.evaluate import load_inception, load_references
 from pipeline.metrics import feature_statistics, frechet_distance
-from pipeline.models import load_model
+from pipeline.models import compile_module, load_model
 from pipeline.sample import generate
 from pipeline.stages import checkpoint, figure, two_step
 from pipeline.training import setup_torch
@@ -82,7 +82,7 @@ def main() -> None:
     cfg, args = stage_cli(__doc__, ("cd", "ct"))
     device = setup_torch(cfg)
     d, s = cfg.diffusion, cfg.search
-    model = load_model(checkpoint(cfg, args.model), device)
+    model = compile_module(load_model(checkpoint(cfg, args.model), device), cfg.run.compile)
     reference, _ = load_references(cfg)
     levels = grid_levels(cfg, args.model)
     grid = cm.karras_sigmas(levels, d.sigma_min, d.sigma_max, d.rho).tolist()

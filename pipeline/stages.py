@@ -21,6 +21,8 @@ MODELS = ("teacher", "cd", "ct")
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]
 TRAIN_CODE = CORE + ["pipeline/training.py", "pipeline/tracking.py", "pipeline/data.py", "pipeline/noise.py",
                      "pipeline/distributed.py", "pipeline/launch.py"]
+# The run knobs that change a training result (compile, channels_last, data_placement and resources only move work).
+TRAIN_PARAMS = ["run.seed", "run.mixed_precision", "run.dtype", "run.tf32", "data", "diffusion", "network"]
 EVAL_CODE = ["pipeline/metrics.py", "pipeline/evaluate.py"]
 TABLES = ["results/tables/table1.csv", "results/tables/table1.md", "results/tables/table2.csv",
           "results/tables/table2.md"]
@@ -155,7 +157,7 @@ def teacher_stage(cfg: Config) -> Stage:
     return Stage("train_teacher", launched("train_teacher", "pipeline.train_teacher"),
                  split_paths(cfg, "train") + ["pipeline/train_teacher.py"] + TRAIN_CODE,
                  [checkpoint(cfg, "teacher"), loss_figure(cfg, "teacher")],
-                 ["run.seed", "run.mixed_precision", "run.dtype", "data", "diffusion", "network", "teacher"],
+                 TRAIN_PARAMS + ["teacher"],
                  "train_teacher", training=True)
 
 
@@ -163,7 +165,7 @@ def stages(cfg: Config) -> list[Stage]:
     """All stages for a resolved config (CT depends on the teacher only when it starts from it)."""
     train = split_paths(cfg, "train")
     data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional"]
-    train_params = ["run.seed", "run.mixed_precision", "run.dtype", "data", "diffusion", "network"]
+    train_params = TRAIN_PARAMS
     refs = [ref_stats(cfg), ref_features(cfg)]
     teacher = [checkpoint(cfg, "teacher")]
     out = [

@@ -8,9 +8,12 @@ Adam with a linear learning-rate warm-up, and an EMA whose half-life ramps up wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from pipeline.config import stage_cli
+from pipeline.config import Config, Teacher, stage_cli
+from pipeline.distributed import Context
 from pipeline.models import Denoiser, model_for
 from pipeline.noise import Noise, TorchNoise
 from pipeline.stages import training_io
@@ -36,12 +39,11 @@ def ema_rate(step: int, batch: int, halflife_kimg: float, rampup: float | None) 
     return 0.5 ** (batch / max(halflife_images, 1e-8))
 
 
-def main() -> None:
-    cfg, _ = stage_cli(__doc__)
-    ctx = setup_training(cfg)
-    t = cfg.teacher
+def trainer(cfg: Config, t: Teacher, ctx: Context, **training_args: Any) -> tuple[Training, dict]:
+    """The Training of the EDM teacher for the section `t` and the arguments of its fit(); training_args: the
+    DAG's paths and fingerprint (pipeline.stages.training_io)."""
     training = Training("teacher", cfg, t, model_for("teacher", cfg, t.dropout), ctx, optimizer="adam",
-                        **training_io(cfg, "teacher"))
+                        **training_args)
     sigma_data = cfg.diffusion.sigma_data
 
     def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None, noise: Noise) -> tuple[torch.Tensor, dict]:
@@ -50,7 +52,14 @@ def main() -> None:
     def lr_at(step: int) -> float:
         return t.lr * min((step + 1) * t.batch / max(t.lr_rampup_kimg * 1000, 1e-8), 1.0)
 
-    training.fit(loss_fn, lambda step: ema_rate(step, t.batch, t.ema_halflife_kimg, t.ema_rampup), lr_at=lr_at)
+    return training, {"loss_fn": loss_fn, "lr_at": lr_at,
+                      "ema_rate": lambda step: ema_rate(step, t.batch, t.ema_halflife_kimg, t.ema_rampup)}
+
+
+def main() -> None:
+    cfg, _ = stage_cli(__doc__)
+    training, fit_args = trainer(cfg, cfg.teacher, setup_training(cfg), **training_io(cfg, "teacher"))
+    training.fit(**fit_args)
 
 
 if __name__ == "__main__":

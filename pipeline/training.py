@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from pipeline import distributed, tracking
 from pipeline.config import Config, split_batch
-from pipeline.data import Batches, atomic_write, load_split
+from pipeline.data import Batches, atomic_write, choose_placement, load_split, training_images
 from pipeline.distributed import Context
-from pipeline.models import atomic_save, ema_update, frozen_copy
+from pipeline.models import atomic_save, compile_module, ema_update, frozen_copy
 from pipeline.noise import Noise
 
 # (step, images, labels or None, noise of those rows) -> (loss, extra logs); labels None when unconditional
@@ -55,7 +55,17 @@ def _catch_signals() -> None:
 def _threads_and_seed(cfg: Config) -> None:
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    # TF32 for the fp32 matmuls and convolutions on Ampere and later (no effect on the CPU).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     torch.manual_seed(cfg.run.seed)  # in training: the same initial weights on every rank
+
+
+def autocast_dtype(precision: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The autocast dtype of run.mixed_precision on a device: fp16 on CUDA only (it needs loss scaling, and CPU
+    runs of the paper presets stay fp32); bf16 on CUDA and CPU; never for float64 weights."""
+    if dtype != torch.float32 or precision == "none" or (precision == "fp16" and device.type != "cuda"):
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def setup_torch(cfg: Config) -> torch.device:
@@ -107,24 +117,33 @@ class Training:
         except ValueError as e:
             raise SystemExit(f"error: {stage}: {e}") from None
         self.rank_rows = section.batch // ctx.world_size
-        # Autocast on CUDA only: CPU runs (tests, the demo) stay in fp32 whatever the preset asks.
         self.dtype = getattr(torch, cfg.run.dtype)
-        precision = cfg.run.mixed_precision if self.device.type == "cuda" and cfg.run.dtype == "float32" else "none"
-        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        self.model = model.to(self.device, self.dtype).train()
+        self.autocast_dtype = autocast_dtype(cfg.run.mixed_precision, self.device, self.dtype)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, self.dtype, memory_format=self.memory_format).train()
         self.ema = frozen_copy(self.model)
-        self.extra = {name: module.to(self.device, self.dtype) for name, module in (extra or {}).items()}
+        self.extra = {name: module.to(self.device, self.dtype, memory_format=self.memory_format)
+                      for name, module in (extra or {}).items()}
         if ctx.world_size > 1:  # gradients averaged over ranks; rank 0's initial weights broadcast
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.online: nn.Module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.online = self.model
-        opt_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[optimizer]
-        self.optimizer = opt_class(self.model.parameters(), lr=section.lr)
+        for module in (self.online, *self.extra.values()):  # in place: checkpoints keep their keys
+            compile_module(module, cfg.run.compile)
+        cuda = self.device.type == "cuda"
+        if optimizer == "adam":  # fused: one kernel for all parameters, its step counters on the device
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=section.lr, fused=cuda or None)
+        else:
+            self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=section.lr, foreach=cuda or None)
         images, labels = load_split(data, "train")
         self.conditional = cfg.data.label_dim > 0
-        self.batches = Batches(images, labels, section.batch, cfg.data.hflip, seed=cfg.run.seed)
+        first = ctx.rank * self.rank_rows
+        self.placement = choose_placement(cfg.run.data_placement, images.nbytes, self.device)
+        self.batches = Batches(images, labels, section.batch, cfg.data.hflip, seed=cfg.run.seed,
+                               rows=slice(first, first + self.rank_rows), device=self.device,
+                               placement=self.placement)
         self.step, self.history, self.evaluations, self.run_id = 0, [], [], None
         torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)  # dropout: each rank its own masks
 
@@ -186,17 +205,17 @@ class Training:
 
     # ---------------------------------------------------------------------------------------------
     def _step(self, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
-        """One optimiser step over this rank's rows of the global batch; returns their summed loss."""
-        index, flip = self.batches.draw()
+        """One optimiser step over this rank's rows of the global batch; returns their summed loss (on the device:
+        nothing here waits for the GPU)."""
+        images, flip, all_labels = self.batches.next()
         first = self.ctx.rank * self.rank_rows
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, logs = torch.zeros((), device=self.device), {}
         for k in range(self.accumulation):
-            rows = slice(first + k * self.micro_batch, first + (k + 1) * self.micro_batch)
-            x, labels = self.batches.load(index[rows], flip[rows])
-            x = x.to(self.device, self.dtype, non_blocking=True)
-            labels = labels.to(self.device) if self.conditional else None
-            noise = Noise(self.cfg.run.seed, self.step, rows.start, self.micro_batch, self.device)
+            rows = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
+            x = training_images(images[rows], flip[rows]).to(self.dtype, memory_format=self.memory_format)
+            labels = all_labels[rows] if self.conditional else None
+            noise = Noise(self.cfg.run.seed, self.step, first + rows.start, self.micro_batch, self.device)
             sync = k == self.accumulation - 1 or self.ctx.world_size == 1
             with (contextlib.nullcontext() if sync else self.online.no_sync()), self.autocast():
                 loss, logs = loss_fn(self.step, x, labels, noise)
@@ -205,6 +224,20 @@ class Training:
             loss_sum += loss.detach().float() * self.micro_batch
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return loss_sum, logs
+
+    def train_step(self, loss_fn: LossFn, ema_rate: Callable[[int], float],
+                   after_step: Callable[[int], dict] | None = None,
+                   lr_at: Callable[[int], float] | None = None) -> tuple[torch.Tensor, dict]:
+        """One step of the algorithm: learning rate, optimiser step, EMA, the stage's after_step (target update);
+        returns this rank's summed loss (on the device) and the step's logs."""
+        if lr_at is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step)
+        loss_sum, logs = self._step(loss_fn)
+        ema_update(self.ema, self.model, ema_rate(self.step))
+        logs.update(after_step(self.step) if after_step else {})
+        self.step += 1
         return loss_sum, logs
 
     def fit(self, loss_fn: LossFn, ema_rate: Callable[[int], float],
@@ -233,13 +266,7 @@ class Training:
             window_loss = torch.zeros((), device=self.device)
             try:
                 while self.step < total:
-                    if lr_at is not None:
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = lr_at(self.step)
-                    loss_sum, logs = self._step(loss_fn)
-                    ema_update(self.ema, self.model, ema_rate(self.step))
-                    logs.update(after_step(self.step) if after_step else {})
-                    self.step += 1
+                    loss_sum, logs = self.train_step(loss_fn, ema_rate, after_step, lr_at)
                     window_loss += loss_sum
                     bar.update(1)
                     if self.step % section.log_every == 0 or self.step == total:
