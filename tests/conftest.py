@@ -82,9 +82,16 @@ def relative_difference(a: dict, b: dict) -> float:
 
 def use_float64(ws: Path) -> None:
     """Train the workspace's micro preset in float64, so that float rounding cannot hide a difference of layouts."""
+    set_micro_run(ws, dtype="float64")
+
+
+def set_micro_run(ws: Path, **knobs) -> None:
+    """Add run knobs to the workspace's micro preset (its one `run:` line: a second would silently replace it)."""
     text = (ws / "params.yaml").read_text()
-    assert "\n  micro:" in text
-    (ws / "params.yaml").write_text(text.replace("\n  micro:", "\n  micro:\n    run: {dtype: float64}", 1))
+    line = "\n  micro:" + text.split("\n  micro:", 1)[1].split("\n", 2)[0] + "\n    run: {compile: false}"
+    assert line in text, "the micro preset's run line not found"
+    extra = "".join(f", {k}: {v}" for k, v in knobs.items())
+    (ws / "params.yaml").write_text(text.replace(line, line[:-1] + extra + "}", 1))
 
 
 def largest_difference(first: dict, second: dict, keys=("model", "ema")) -> float:
