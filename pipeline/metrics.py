@@ -15,6 +15,7 @@ independent computations and reused on features from elsewhere.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib.util
 import os
 import shutil
@@ -194,12 +195,49 @@ class FeatureSet:
 
 
 def _resize_clean(image: np.ndarray) -> np.ndarray:
-    """clean-fid's 'clean' resize: PIL bicubic on each channel in float32, no quantisation to uint8."""
+    """clean-fid's 'clean' resize of one image with PIL itself: bicubic on each channel in float32, no
+    quantisation to uint8 (the reference for clean_resize)."""
     if image.shape[:2] == (INCEPTION_SIZE, INCEPTION_SIZE):
         return image.astype(np.float32)   # PIL returns a copy at the same size
     channels = [Image.fromarray(image[:, :, c].astype(np.float32)).resize(
         (INCEPTION_SIZE, INCEPTION_SIZE), resample=Image.Resampling.BICUBIC) for c in range(image.shape[2])]
     return np.clip(np.stack([np.asarray(c) for c in channels], axis=2), 0, 255)
+
+
+def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """The cubic convolution kernel of PIL's BICUBIC filter (Keys 1981 with a = -0.5), support [-2, 2]."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+@functools.lru_cache(maxsize=8)
+def clean_resize_matrix(size_in: int, size_out: int = INCEPTION_SIZE) -> np.ndarray:
+    """PIL's bicubic resize of one axis as a (size_out, size_in) float64 matrix: output pixel i weighs the input
+    pixels within 2 * max(scale, 1) of its centre (i + 0.5) * scale, scale = size_in / size_out, normalised."""
+    scale = size_in / size_out
+    filter_scale = max(scale, 1.0)
+    support = 2.0 * filter_scale
+    out = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), size_in)
+        weights = _bicubic((np.arange(lo, hi) - centre + 0.5) / filter_scale)
+        out[i, lo:hi] = weights / weights.sum()
+    return out
+
+
+def clean_resize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 or float (N, C, H, W) in [0, 255] -> float32 (N, C, 299, 299): clean-fid's resize on x's device.
+    PIL's separable passes as matrix products in float64, the horizontal one first and stored in float32 as
+    PIL stores it; equal to PIL to a float32 rounding (tests)."""
+    height, width = x.shape[-2:]
+    if (height, width) == (INCEPTION_SIZE, INCEPTION_SIZE):
+        return x.float()
+    rows, cols = (torch.from_numpy(clean_resize_matrix(n)).to(x.device) for n in (height, width))
+    x = (x.double() @ cols.T).float()
+    return (rows @ x.double()).float().clamp(0, 255)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -250,14 +288,14 @@ class InceptionFeatures:
         return f"InceptionFeatures(source={self.source!r}, mode={self.mode!r}, device={str(self.device)!r})"
 
     def _prepare(self, batch: np.ndarray) -> torch.Tensor:
-        """uint8 (B,H,W,3) -> float32 [0,255] (B,3,H,W) tensor in channels_last layout (faster on CPU)."""
-        if self.mode == "clean":
-            batch = np.stack([_resize_clean(image) for image in batch])
+        """uint8 (B,H,W,3) -> uint8 (B,3,H,W) in channels_last layout (the copy to the device moves bytes)."""
         # Permuting NHWC memory to NCHW is exactly the channels_last layout: no copy.
-        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+        return x.pin_memory() if self.device.type == "cuda" else x
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.to(self.device, non_blocking=True)
+        x = clean_resize(x) if self.mode == "clean" else x.float()
         if self.mode == "legacy_tensorflow":
             pool = self._net(x, return_features=True)
         else:

@@ -380,3 +380,15 @@ def test_fid_on_real_inception_features():
     assert abs(frechet_distance(mu_a, sigma_a, mu_a, sigma_a)) < 1e-6 * np.trace(sigma_a)
     between = frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
     assert np.isfinite(between) and between > 0
+
+
+@pytest.mark.parametrize("resolution", [8, 32, 64, 256])
+def test_clean_resize_on_the_device_is_pils(resolution):
+    """The matrix form of clean-fid's resize (which runs on the GPU) against PIL itself, image by image."""
+    from pipeline.metrics import _resize_clean, clean_resize
+
+    images = np.random.default_rng(resolution).integers(0, 256, (2, resolution, resolution, 3), dtype=np.uint8)
+    expected = np.stack([_resize_clean(image) for image in images])
+    ours = clean_resize(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    assert np.abs(ours - expected).max() <= 1e-6 * 255
