@@ -8,7 +8,7 @@ CORES ?= 2
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint repro dag clean-results
+.PHONY: setup demo test test-fast lint bench repro dag clean-results
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-fast: setup
 
 lint: setup
 	ruff check pipeline tests
+
+# Throughput of every workload of the preset's network, beside plain fp32 eager: results/bench/<device>.md
+bench: setup
+	python -m pipeline.bench $(BENCH_ARGS)
 
 # dvc.yaml is generated from pipeline/stages.py for the preset params.yaml selects.
 dvc.yaml: params.yaml pipeline/stages.py

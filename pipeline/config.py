@@ -31,6 +31,18 @@ class ConfigError(ValueError):
     """A problem with params.yaml or an override; the message is one line naming the key."""
 
 
+class InputError(Exception):
+    """A file a stage cannot use (a corrupt or unsafe checkpoint, ...): every stage CLI prints its message as one
+    line, `error: <message>` (no traceback), and exits with status 1."""
+
+
+def _one_line_errors(kind, value, traceback) -> None:
+    if issubclass(kind, InputError):
+        print(f"error: {value}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Schema: one dataclass per section. Field types are checked; `problems()` checks values.
 
@@ -689,6 +701,7 @@ def stage_cli(doc: str | None, models: tuple[str, ...] = ()) -> tuple[Config, ar
     if models:
         parser.add_argument("--model", choices=models, required=True)
     args = parser.parse_args()
+    sys.excepthook = _one_line_errors
     return from_args(args), args
 
 

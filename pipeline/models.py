@@ -8,7 +8,10 @@ Both use EDM's c_noise = ln(sigma) / 4, so a student can start from its teacher'
 from __future__ import annotations
 
 import copy
+import errno
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline import cm
+from pipeline.config import InputError
 from pipeline.data import atomic_write
 from pipeline.networks import build_network
 
@@ -108,18 +112,60 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return out
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save, atomically (a crash never leaves half a checkpoint)."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used: truncated, corrupt, carrying code, or not written for lack of space."""
+
+
+def previous(path: str | os.PathLike) -> Path:
+    """Where atomic_save(keep_previous=True) keeps the file it replaced: x.resume.pt -> x.resume.prev.pt."""
+    path = Path(path)
+    return path.with_suffix(".prev" + path.suffix)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, keep_previous: bool = False) -> None:
+    """torch.save to a temporary file beside `path`, flushed to disk and read back before it is renamed: a crash,
+    a full disk or a failed write never leaves a torn file under the name. keep_previous: the file it replaces
+    stays as previous(path) (resume checkpoints: one good file exists at every moment)."""
+    path = Path(path)
+    try:
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            load_checkpoint(tmp, mmap=True)  # complete and readable as data
+            if keep_previous and path.exists():
+                os.replace(path, previous(path))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        kept = f"{path} is still the last good one" if path.exists() else "nothing was written"
+        raise CheckpointError(f"{path}: no space left on the device while writing it ({kept}); free space "
+                              "and re-run") from None
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A checkpoint's contents as data only: torch.load(weights_only=True) rebuilds tensors and plain containers
+    and never runs code from the file. A truncated, corrupt or code-carrying file raises CheckpointError, one line
+    naming the file and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (run the training stage first)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain containers, whose "
+            f"loading could run code ({str(e).strip().splitlines()[0][:160]}); use checkpoints this pipeline wrote, "
+            "or convert EDM pickles with pipeline.import_edm") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt ({str(e).strip().splitlines()[0][:120]}); delete it "
+                              "and re-run the stage that writes it (or `dvc pull` it)") from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema") -> Preconditioned:
     """The model stored in a checkpoint, in eval mode; weights 'ema' (evaluated) or 'model' (online)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (run the training stage first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
     shape = ckpt.get("shape", {})
     model = build_model(ckpt["kind"], ckpt["network"], ckpt["diffusion"], dropout=0.0,
                         resolution=shape.get("resolution", IMG_RESOLUTION), label_dim=shape.get("label_dim", 0))
@@ -129,5 +175,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weig
 
 def checkpoint_meta(path: str | os.PathLike) -> dict:
     """The non-tensor fields of a checkpoint (kind, step, configs, MLflow run id)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
     return {k: v for k, v in ckpt.items() if not isinstance(v, dict) or k in ("network", "diffusion", "config")}

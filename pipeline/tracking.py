@@ -69,8 +69,10 @@ def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | N
     import mlflow
 
     setup(cfg)
+    _logged_through.clear()
     if run_id is not None:
         run = _retry(mlflow.start_run, run_id=run_id)
+        _logged_through.update(_retry(_last_steps, run_id))
     else:
         all_tags = {"stage": stage, "preset": cfg.preset, "git_commit": git_commit(), **(tags or {})}
         run = _retry(mlflow.start_run, run_name=stage, tags=all_tags)
@@ -87,10 +89,26 @@ def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | N
         _retry(mlflow.end_run)
 
 
+# A resumed run (a training job killed after its last checkpoint) recomputes the steps between that checkpoint and
+# the kill bit for bit; the values it already holds for them are not logged twice.
+_logged_through: dict[str, int] = {}  # metric -> the last step the resumed run holds
+
+
+def _last_steps(run_id: str) -> dict[str, int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return {key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics}
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
-    _retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+    if step is not None:
+        metrics = {k: v for k, v in metrics.items() if step > _logged_through.get(k, -1)}
+    if metrics:
+        _retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_artifact(path: str | os.PathLike) -> None:

@@ -33,7 +33,15 @@ from pipeline import distributed, tracking
 from pipeline.config import Config, split_batch
 from pipeline.data import Batches, atomic_write, choose_placement, load_split, training_images
 from pipeline.distributed import Context
-from pipeline.models import atomic_save, compile_module, ema_update, frozen_copy
+from pipeline.models import (
+    CheckpointError,
+    atomic_save,
+    compile_module,
+    ema_update,
+    frozen_copy,
+    load_checkpoint,
+    previous,
+)
 from pipeline.noise import Noise
 
 # (step, images, labels or None, noise of those rows) -> (loss, extra logs); labels None when unconditional
@@ -178,15 +186,27 @@ class Training:
             raise SystemExit(f"error: {self.stage}: at step {self.step} the weights of rank(s) {bad} (online, EMA "
                              f"or target) differ from rank 0's: the replicas diverged; no checkpoint written")
         if self.ctx.main:
-            atomic_save(self.state(), path)
+            atomic_save(self.state(), path, keep_previous=path == self.resume_path)
         distributed.barrier(self.ctx)
 
+    def _resume_state(self) -> tuple[dict, Path] | None:
+        """The newest usable resume checkpoint: <output>.resume.pt, or the one before it when that is torn."""
+        for path in (self.resume_path, previous(self.resume_path)):
+            if not path.is_file():
+                continue
+            try:
+                return load_checkpoint(path), path
+            except CheckpointError as e:
+                self.say(f"warning: {e}; trying the resume checkpoint before it")
+        return None
+
     def try_resume(self) -> None:
-        if not self.resume_path.is_file():
+        found = self._resume_state()
+        if found is None:
             return
-        state = torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        state, path = found
         if state.get("fingerprint") != self.fingerprint:
-            self.say(f"{self.resume_path}: params changed since it was written; starting afresh")
+            self.say(f"{path}: params changed since it was written; starting afresh")
             return
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -200,7 +220,7 @@ class Training:
         self.step, self.history, self.run_id = state["step"], state["history"], state["mlflow_run_id"]
         self.evaluations = state.get("evaluations", [])
         was = state.get("world_size", 1)
-        self.say(f"resuming {self.kind} from step {self.step} ({self.resume_path})"
+        self.say(f"resuming {self.kind} from step {self.step} ({path})"
                  + (f", written by {was} processes, now {self.ctx.world_size}" if was != self.ctx.world_size else ""))
 
     # ---------------------------------------------------------------------------------------------
@@ -290,6 +310,7 @@ class Training:
             self.save(self.output)
             if main:
                 self.resume_path.unlink(missing_ok=True)
+                previous(self.resume_path).unlink(missing_ok=True)
                 if self.loss_plot is not None:
                     plot_loss(self.history, self.loss_plot, f"{self.stage} ({self.cfg.preset})")
                     tracking.log_artifact(self.loss_plot)
