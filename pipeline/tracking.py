@@ -11,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,10 +84,22 @@ def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | N
     try:
         yield run
     except BaseException:
-        _retry(mlflow.end_run, status="FAILED")
+        _end_run("FAILED")
         raise
     else:
-        _retry(mlflow.end_run)
+        _end_run("FINISHED")
+
+
+def _end_run(status: str) -> None:
+    import mlflow
+
+    run_id = mlflow.active_run().info.run_id
+    try:
+        _replay(run_id)
+        _retry(mlflow.end_run, status=status)
+    except Exception as e:  # the work is done; the buffer file says what the store is missing
+        _warn(f"MLflow: could not end run {run_id} ({e.__class__.__name__}: {str(e)[:120]}); its buffered "
+              f"metrics stay in {_buffer_file(run_id)} and are sent when the run resumes")
 
 
 # A resumed run (a training job killed after its last checkpoint) recomputes the steps between that checkpoint and
@@ -102,13 +115,56 @@ def _last_steps(run_id: str) -> dict[str, int]:
             for key in client.get_run(run_id).data.metrics}
 
 
+BUFFER = Path("mlflow-buffer")  # metrics the store did not take, one <run id>.jsonl each, replayed later
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _buffer_file(run_id: str) -> Path:
+    return BUFFER / f"{run_id}.jsonl"
+
+
+def _replay(run_id: str) -> None:
+    """Send the metrics buffered for this run (with their original timestamps), then drop the file."""
+    path = _buffer_file(run_id)
+    if not path.is_file():
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = [Metric(k, v, e["timestamp"], e["step"] or 0) for e in entries for k, v in e["metrics"].items()]
+    client = MlflowClient()
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        _retry(client.log_batch, run_id, metrics=metrics[i:i + 1000])
+    path.unlink()
+    _warn(f"MLflow: replayed {len(metrics)} buffered metric values of run {run_id}")
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log to the active run. If the store does not answer (after the retries), the values go to
+    mlflow-buffer/<run id>.jsonl and are sent with the next call that gets through, or when the run ends: logging
+    never stops a training job."""
     import mlflow
 
     if step is not None:
         metrics = {k: v for k, v in metrics.items() if step > _logged_through.get(k, -1)}
-    if metrics:
-        _retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+    if not metrics:
+        return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    run_id = mlflow.active_run().info.run_id
+    try:
+        _replay(run_id)
+        _retry(mlflow.log_metrics, metrics, step=step)
+    except Exception as e:
+        path = _buffer_file(run_id)
+        if not path.exists():
+            _warn(f"MLflow: store unreachable ({e.__class__.__name__}: {str(e)[:120]}); buffering metrics in {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)}) + "\n")
 
 
 def log_artifact(path: str | os.PathLike) -> None:

@@ -209,3 +209,36 @@ def test_eight_concurrent_writers_lose_no_run_param_or_metric(tmp_path):
         for k in range(4):
             history = client.get_metric_history(r.info.run_id, f"metric_{k}")
             assert sorted((m.step, m.value) for m in history) == [(s, float(s * k)) for s in range(25)]
+
+
+def test_metrics_the_store_refuses_are_buffered_and_replayed(tmp_path, monkeypatch):
+    """The store stops answering for three calls: those values wait in mlflow-buffer/ and reach the run later,
+    with their steps; nothing raises."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import config, tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = config.load(ROOT / "params.yaml", "micro")
+    down = {"now": False}
+
+    def unless_down(real):
+        def call(*args, **kwargs):
+            if down["now"]:
+                raise ConnectionError("store unreachable")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(mlflow, "log_metrics", unless_down(mlflow.log_metrics))
+    monkeypatch.setattr(MlflowClient, "log_batch", unless_down(MlflowClient.log_batch))
+    with tracking.stage_run("flaky", cfg) as active:
+        for step in range(8):
+            down["now"] = step in (3, 4, 5)
+            tracking.log_metrics({"loss": step / 10}, step=step)
+            if step == 5:
+                assert len(tracking._buffer_file(active.info.run_id).read_text().splitlines()) == 3
+    history = MlflowClient().get_metric_history(active.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(8)]
+    assert not tracking._buffer_file(active.info.run_id).exists()
