@@ -11,11 +11,12 @@ from snakemake.exceptions import WorkflowError
 from pipeline import tracking
 from pipeline.config import ConfigError, check_data_source, load
 from pipeline.lpips import LpipsWeightsMissing, preflight
-from pipeline.stages import slurm_resources, stages, targets
+from pipeline.stages import check_writable, slurm_resources, stages, targets
 
 try:
     CFG = load("params.yaml")
     check_data_source(CFG)
+    check_writable(CFG)
     preflight(CFG)
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None

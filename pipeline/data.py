@@ -5,6 +5,7 @@ in the same folder, then rename) for every output."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.config import InputError
 
 
 def split_files(folder: str | os.PathLike, split: str) -> tuple[Path, Path]:
@@ -30,13 +33,65 @@ def save_split(folder: str | os.PathLike, split: str, images: np.ndarray, labels
             np.save(tmp, array)
 
 
+class DataError(InputError):
+    """A prepared split that does not match its manifest (torn, changed or from another run of prepare_data)."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_split(folder: str | os.PathLike, split: str) -> None:
+    """Check a split's files against <folder>/manifest.json (written by prepare_data): the image count, and the
+    sha256 of each file. A file's hash is computed once per (size, mtime) and remembered in .verified.json, so
+    a 590 GB LSUN split is hashed once, not before every stage."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return  # a split made by hand or by a test: nothing to check against
+    entry = json.loads(manifest_path.read_text())["splits"].get(split)
+    redo = "re-run prepare_data (snakemake -R prepare_data, or dvc checkout / dvc pull a good copy)"
+    if entry is None:
+        raise DataError(f"{manifest_path}: has no split {split!r}; {redo}")
+    cache_path = folder / ".verified.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    changed = False
+    for path in split_files(folder, split):
+        stat = path.stat()
+        key = [stat.st_size, stat.st_mtime_ns]
+        if cache.get(path.name, {}).get("stat") != key:
+            cache[path.name] = {"stat": key, "sha256": sha256_file(path)}
+            changed = True
+        if cache[path.name]["sha256"] != entry.get(path.name):
+            raise DataError(f"{path}: its sha256 differs from {manifest_path} (torn, changed or from another run of "
+                            f"prepare_data); {redo}")
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only dataset folder is checked again next time
+            write_json(cache_path, cache)
+
+
 def load_split(folder: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 NHWC, memory-mapped; labels int64) of a prepared split."""
+    """(images uint8 NHWC, memory-mapped; labels int64) of a prepared split, checked against its manifest."""
     image_path, label_path = split_files(folder, split)
     for path in (image_path, label_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (run the prepare_data stage)")
-    return np.load(image_path, mmap_mode="r"), np.load(label_path)
+    verify_split(folder, split)
+    try:
+        images, labels = np.load(image_path, mmap_mode="r"), np.load(label_path)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{image_path.parent}: the {split} split cannot be read ({e}); re-run prepare_data") from None
+    if len(images) != len(labels) or images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"{image_path}: {images.dtype} {images.shape} does not go with {len(labels)} labels; "
+                        "re-run prepare_data")
+    return images, labels
 
 
 def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -94,8 +149,10 @@ class Batches:
         self.position = self.generator.get_state()
         self.pin = self.device.type == "cuda"
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        if placement == "device":
-            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        if placement == "device":  # copied in chunks: no second host copy of a 16 GB split
+            self.images = torch.empty(images.shape, dtype=torch.uint8, device=self.device)
+            for start in range(0, len(images), 1 << 14):
+                self.images[start:start + (1 << 14)] = torch.from_numpy(np.array(images[start:start + (1 << 14)]))
             self.labels = labels.to(self.device)
         else:
             self.images, self.labels = images, labels
@@ -172,6 +229,17 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def unwritable(paths: list[str]) -> str | None:
+    """The first folder among the paths' parents that cannot be created or written (None: all can)."""
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        existing = folder
+        while not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return folder if existing == folder else f"{folder} (its parent {existing} is not writable)"
+    return None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

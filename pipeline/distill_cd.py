@@ -48,7 +48,7 @@ def trainer(cfg: Config, c: Distill, ctx: Context, **training_args: Any) -> tupl
     DAG's paths and fingerprint (pipeline.stages.training_io)."""
     d, device = cfg.diffusion, ctx.device
     distance = training_distance(c.metric, cfg.lpips, device)  # fails early if LPIPS weights are missing
-    teacher = load_model(checkpoint(cfg, "teacher"), device).to(getattr(torch, cfg.run.dtype))
+    teacher = load_model(checkpoint(cfg, "teacher"), device, cfg=cfg).to(getattr(torch, cfg.run.dtype))
     if cfg.run.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     compile_module(teacher, cfg.run.compile)

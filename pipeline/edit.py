@@ -201,7 +201,7 @@ def main() -> None:
     cfg, _ = stage_cli(__doc__)
     device = setup_torch(cfg)
     model = cfg.edit.model
-    f: Preconditioned = load_model(checkpoint(cfg, model), device)
+    f: Preconditioned = load_model(checkpoint(cfg, model), device, cfg=cfg)
     images, labels = load_split(data_dir(cfg), "test")
     chosen = np.random.default_rng(cfg.edit.seed).permutation(len(images))[: cfg.edit.num_images]
     truth_uint8 = np.asarray(images[chosen])

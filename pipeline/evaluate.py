@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from pipeline import tracking
-from pipeline.config import stage_cli
+from pipeline.config import InputError, stage_cli
 from pipeline.data import write_json
 from pipeline.metrics import (
     FeatureSet,
@@ -64,7 +64,10 @@ def load_references(cfg) -> tuple[dict, np.ndarray]:
     if reference["mode"] != cfg.evaluate.mode:
         sys.exit(f"error: {stats_path} was computed in mode {reference['mode']!r}, "
                  f"evaluate.mode is {cfg.evaluate.mode!r}")
-    features = np.load(features_path)
+    try:
+        features = np.load(features_path)
+    except (OSError, EOFError, ValueError) as e:
+        raise InputError(f"{features_path}: truncated or corrupt ({str(e)[:120]}); re-run reference_stats") from None
     if len(features) != reference.get("feature_count", len(features)):
         sys.exit(f"error: {features_path} does not belong to {stats_path}: run reference_stats again")
     return reference, features

@@ -25,6 +25,7 @@ import threading
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from pipeline.config import InputError
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008          # the 2015-12-05 graph has 1008 outputs (1000 ImageNet classes + unused)
@@ -486,8 +489,12 @@ def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndar
 
 def load_reference_stats(path: str | os.PathLike) -> dict:
     """Read a file of save_reference_stats: {'mu', 'sigma', **meta}; 0-d entries become Python scalars."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        stats = {key: data[key].item() if data[key].ndim == 0 else data[key] for key in data.files}
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            stats = {key: data[key].item() if data[key].ndim == 0 else data[key] for key in data.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a member's CRC catches a torn file
+        raise InputError(f"{path}: truncated or corrupt ({str(e)[:120]}); re-run reference_stats "
+                         "(snakemake -R reference_stats) or dvc pull it") from None
     if "mu" not in stats or "sigma" not in stats:
         raise ValueError(f"{path} has no 'mu'/'sigma' arrays")
     return stats

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
 import pickle
 import zipfile
@@ -163,9 +164,32 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
                               "and re-run the stage that writes it (or `dvc pull` it)") from None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema") -> Preconditioned:
-    """The model stored in a checkpoint, in eval mode; weights 'ema' (evaluated) or 'model' (online)."""
+SHAPE_KEYS = ("arch", "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "options")
+
+
+def check_compatible(ckpt: dict, cfg: Any, path: str | os.PathLike) -> None:
+    """A checkpoint handed to a stage must hold the network and image shape that stage's config describes (a
+    file from another preset or network would otherwise be sampled, distilled from or scored silently)."""
+    shape = ckpt.get("shape", {"resolution": IMG_RESOLUTION, "label_dim": 0})
+    want = {"resolution": cfg.data.spec.resolution, "label_dim": cfg.data.label_dim}
+    differences = [f"{k} {shape.get(k)} (config: {v})" for k, v in want.items() if shape.get(k) != v]
+    have, wanted = ckpt.get("network", {}), cfg.raw["network"]
+    differences += [f"network.{k} {have.get(k)} (config: {wanted.get(k)})" for k in SHAPE_KEYS
+                    if json.dumps(have.get(k) or None) != json.dumps(wanted.get(k) or None)]
+    if differences:
+        trained = (ckpt.get("config") or {}).get("preset")
+        made_for = f"preset {trained}" if trained else "another network"
+        raise CheckpointError(f"{path}: {', '.join(differences)}: it was made for {made_for}, not this run's "
+                              f"preset {cfg.preset}; re-run the stage that writes it, or run with its preset")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema",
+               cfg: Any = None) -> Preconditioned:
+    """The model stored in a checkpoint, in eval mode; weights 'ema' (evaluated) or 'model' (online). With cfg,
+    the checkpoint must hold the network and image shape cfg describes (check_compatible)."""
     ckpt = load_checkpoint(path)
+    if cfg is not None:
+        check_compatible(ckpt, cfg, path)
     shape = ckpt.get("shape", {})
     model = build_model(ckpt["kind"], ckpt["network"], ckpt["diffusion"], dropout=0.0,
                         resolution=shape.get("resolution", IMG_RESOLUTION), label_dim=shape.get("label_dim", 0))

@@ -12,7 +12,6 @@ training set in a fixed random order. The manifest records counts (per class for
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import sys
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, check_data_source, stage_cli
-from pipeline.data import atomic_write, split_files, write_json
+from pipeline.data import atomic_write, sha256_file, split_files, write_json
 from pipeline.datasets import RawSplit, SourceError, raw_splits
 from pipeline.stages import data_dir
 
@@ -144,14 +143,6 @@ def write_split(folder: Path, split: str, raw: RawSplit, keep: int | None, shuff
     return labels
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare(cfg: Config) -> dict:
     spec, folder = cfg.data.spec, Path(data_dir(cfg))
     manifest = {"dataset": spec.name, "source": cfg.data.source, "resolution": spec.resolution,
@@ -163,7 +154,7 @@ def prepare(cfg: Config) -> dict:
         labels = write_split(folder, split, raw, cfg.data.max_train if train else None, shuffle=train)
         entry = {"count": int(len(labels)), "raw_count": raw.count}
         for path in split_files(folder, split):
-            entry[path.name] = sha256(path)
+            entry[path.name] = sha256_file(path)
         if spec.name == "cifar10":
             entry["per_class"] = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
         manifest["splits"][split] = entry

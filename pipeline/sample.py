@@ -108,7 +108,7 @@ def save_grid(images: dict[int, np.ndarray], count: int, path: Path, title: str)
 def main() -> None:
     cfg, args = stage_cli(__doc__, MODELS)
     device = setup_torch(cfg)
-    model = compile_module(load_model(checkpoint(cfg, args.model), device), cfg.run.compile)
+    model = compile_module(load_model(checkpoint(cfg, args.model), device, cfg=cfg), cfg.run.compile)
     s = cfg.sample
     with tracking.stage_run(f"sample_{args.model}", cfg, tags={"model": args.model}):
         images, arrays = {}, {}

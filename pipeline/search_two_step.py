@@ -82,7 +82,7 @@ def main() -> None:
     cfg, args = stage_cli(__doc__, ("cd", "ct"))
     device = setup_torch(cfg)
     d, s = cfg.diffusion, cfg.search
-    model = compile_module(load_model(checkpoint(cfg, args.model), device), cfg.run.compile)
+    model = compile_module(load_model(checkpoint(cfg, args.model), device, cfg=cfg), cfg.run.compile)
     reference, _ = load_references(cfg)
     levels = grid_levels(cfg, args.model)
     grid = cm.karras_sigmas(levels, d.sigma_min, d.sigma_max, d.rho).tolist()

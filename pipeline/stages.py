@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, from_args
-from pipeline.data import split_files
+from pipeline.data import split_files, unwritable
 
 MODELS = ("teacher", "cd", "ct")
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]
@@ -233,6 +233,14 @@ def stages(cfg: Config) -> list[Stage]:
                          [ablation_result(cfg, run) for run in runs] + ["pipeline/ablation.py"], figure3(cfg),
                          ["ablation.panels"], "tables"))
     return out
+
+
+def check_writable(cfg: Config) -> None:
+    """Every output folder of the DAG can be written, checked before any job starts."""
+    folder = unwritable([out for stage in stages(cfg) for out in stage.outs])
+    if folder is not None:
+        raise ConfigError(f"{folder}: not writable, and the pipeline writes its outputs there; fix its permissions "
+                          "or run from a folder you own")
 
 
 def targets(cfg: Config) -> list[str]:

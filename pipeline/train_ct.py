@@ -55,7 +55,7 @@ def trainer(cfg: Config, c: ConsistencyTraining, ctx: Context, **training_args: 
     distance = training_distance(c.metric, cfg.lpips, device)
     model = model_for("ct", cfg, c.dropout)
     if c.init_from_teacher:
-        model.net.load_state_dict(load_model(checkpoint(cfg, "teacher")).net.state_dict())
+        model.net.load_state_dict(load_model(checkpoint(cfg, "teacher"), cfg=cfg).net.state_dict())
     target = frozen_copy(model).to(device)
     training = Training("ct", cfg, c, model, ctx, optimizer=c.optimizer, extra={"target": target},
                         **training_args)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pipeline import distributed, tracking
 from pipeline.config import Config, split_batch
-from pipeline.data import Batches, atomic_write, choose_placement, load_split, training_images
+from pipeline.data import Batches, atomic_write, choose_placement, load_split, training_images, unwritable
 from pipeline.distributed import Context
 from pipeline.models import (
     CheckpointError,
@@ -119,6 +119,8 @@ class Training:
         self.stage, self.output, self.fingerprint = stage, Path(output), fingerprint
         self.loss_plot = Path(loss_plot) if loss_plot else None
         self.resume_path = self.output.with_suffix(".resume.pt")
+        if ctx.main and (folder := unwritable([output])) is not None:  # before hours of training, not after
+            raise SystemExit(f"error: {stage}: {folder}: not writable; the checkpoint goes there")
         self.tags = {"model": kind, **(tags or {})}
         try:
             self.micro_batch, self.accumulation = split_batch(section.batch, ctx.world_size, micro_batch)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -242,3 +244,73 @@ def test_metrics_the_store_refuses_are_buffered_and_replayed(tmp_path, monkeypat
     history = MlflowClient().get_metric_history(active.info.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(8)]
     assert not tracking._buffer_file(active.info.run_id).exists()
+
+
+def test_a_checkpoint_of_another_preset_is_named(tmp_path, monkeypatch):
+    from pipeline import bench, config
+
+    monkeypatch.chdir(tmp_path)
+    micro = config.load(ROOT / "params.yaml", "micro")
+    bench.write_synthetic_workspace(micro, images=8)  # a micro teacher at checkpoints/cifar10/teacher.pt
+    load_model("checkpoints/cifar10/teacher.pt", cfg=micro)
+    with pytest.raises(CheckpointError, match=r"teacher.pt: network.model_channels 8 \(config: 16\).*not this "
+                                              r"run's preset tiny"):
+        load_model("checkpoints/cifar10/teacher.pt", cfg=config.load(ROOT / "params.yaml", "tiny"))
+
+
+def _as_nobody(code: str) -> subprocess.CompletedProcess:
+    """Python as an unprivileged user (root may write anywhere, so the check could not fail as root)."""
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_an_unwritable_output_folder_is_named_before_any_job():
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own folders are private to root
+    try:
+        base.chmod(0o777)  # the unprivileged user may write here, not in locked/
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        result = _as_nobody(textwrap.dedent(f"""
+            from pipeline.data import unwritable
+            print(unwritable(["{locked}/checkpoints/cifar10/teacher.pt"]))
+            print(unwritable(["{base}/checkpoints/teacher.pt"]))
+        """))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [f"{locked}/checkpoints/cifar10 (its parent {locked} is not writable)",
+                                              "None"]
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_split_that_does_not_match_its_manifest_is_refused(tmp_path):
+    import json
+
+    import numpy as np
+
+    from pipeline.data import DataError, load_split, save_split, sha256_file, split_files
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    save_split(tmp_path, "train", images, np.arange(6))
+    entry = {"count": 6, **{p.name: sha256_file(p) for p in split_files(tmp_path, "train")}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": entry}}))
+    assert np.array_equal(load_split(tmp_path, "train")[0], images)
+    image_file = split_files(tmp_path, "train")[0]
+    data = bytearray(image_file.read_bytes())
+    data[-1] ^= 1  # one flipped bit, same size
+    image_file.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_images.npy: its sha256 differs from .*manifest.json.*prepare_data"):
+        load_split(tmp_path, "train")
+
+
+def test_torn_reference_statistics_are_named(tmp_path):
+    import numpy as np
+
+    from pipeline.config import InputError
+    from pipeline.metrics import load_reference_stats, save_reference_stats
+
+    path = tmp_path / "fid_ref.npz"
+    save_reference_stats(path, np.zeros(2048), np.eye(2048), mode="clean")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"fid_ref.npz: truncated or corrupt .*re-run reference_stats"):
+        load_reference_stats(path)
