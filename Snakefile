@@ -41,6 +41,8 @@ for stage in stages(CFG):
             values=stage.param_values(CFG),  # a change of any tracked knob re-runs the rule
             cmd=stage.cmd,  # bound now: `shell:` is evaluated when the job runs, after the loop ended
         threads: request.cpus
+        conda:
+            "envs/pipeline.yaml"  # used with --software-deployment-method conda (cluster nodes without our venv)
         resources:
             **slurm,
         shell:

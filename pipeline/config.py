@@ -391,6 +391,16 @@ class Cluster:
 
 
 @dataclass(frozen=True)
+class Dvc:
+    """Where `make push` and `make pull` keep the DAG's outputs (datasets, checkpoints, samples, results)."""
+
+    remote: str  # a folder (relative to the repository root) or a DVC remote URL (s3://, ssh://, gs://, ...)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("remote", "must not be empty")] if not self.remote.strip() else []
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str  # one preset name, or several joined by '+' (applied in order)
     follow: str  # 'paper' or 'code': which values a preset takes where the official code differs from the paper
@@ -408,6 +418,7 @@ class Config:
     edit: Edit
     ablation: Ablation
     cluster: Cluster
+    dvc: Dvc
     resources: dict[str, Resources] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved plain dict
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,24 @@ def test_a_key_given_twice_is_named(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"params.yaml: line \d+: key 'run' appears twice"):
         load(tmp_path / "params.yaml")
+
+
+def test_every_snakemake_rule_runs_in_the_conda_environment_when_asked(tmp_path):
+    """`snakemake --software-deployment-method conda` builds envs/pipeline.yaml for every rule (conda itself is
+    not on the test machine: the workflow is loaded through Snakemake's API and its rules inspected)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import OutputSettings, ResourceSettings
+
+    for name in ("pipeline", "envs"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("Snakefile", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with SnakemakeApi(OutputSettings()) as api:
+            workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path("Snakefile"))._workflow
+            rules = {rule.name: rule.conda_env for rule in workflow.rules if rule.name != "all"}
+    finally:
+        os.chdir(cwd)
+    assert len(rules) > 10 and set(rules.values()) == {"envs/pipeline.yaml"}, rules
