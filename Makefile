@@ -8,7 +8,7 @@ CORES ?= 2
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench repro dag clean-results
+.PHONY: setup demo test test-fast lint bench repro push pull dag clean-results
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ dvc.yaml: params.yaml pipeline/stages.py
 repro: setup dvc.yaml
 	test -d .dvc || dvc init -q
 	dvc repro tables
+
+# Versioned outputs (params.yaml dvc.remote): push what was built; in a fresh clone, pull it (nothing re-runs).
+push: setup dvc.yaml
+	python -m pipeline.versions push
+
+pull: setup
+	python -m pipeline.versions pull
 
 dag: setup
 	snakemake --dag results/tables/table1.csv | dot -Tpng > results/figures/dag.png

@@ -5,6 +5,7 @@
 #   snakemake --cores 2                                  # local, the preset params.yaml selects
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
 import os
+import sys
 
 from snakemake.exceptions import WorkflowError
 
@@ -20,6 +21,8 @@ try:
     preflight(CFG)
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None
+
+SERVER = []  # the MLflow server of run.tracking_server, stopped when the workflow ends
 
 rule all:
     input:
@@ -60,3 +63,19 @@ onstart:
                                     f"processes start with srun: run with --profile slurm (or inside salloc), not "
                                     f"the {executor} executor")
     tracking.setup(CFG)  # create the MLflow store once, before parallel jobs race to do it
+    if CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # Jobs inherit the environment: they log through the server, which alone writes the SQLite file.
+        server, url = tracking.start_server(CFG.run.tracking_uri)
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        SERVER.append(server)
+        print(f"MLflow: jobs log through {url} (run.tracking_server)", file=sys.stderr)
+
+
+onsuccess:
+    for server in SERVER:
+        server.terminate()
+
+
+onerror:
+    for server in SERVER:
+        server.terminate()

@@ -54,6 +54,7 @@ class Run:
     threads: int  # torch CPU threads; 0 = leave torch's default
     experiment: str
     tracking_uri: str  # the environment variable MLFLOW_TRACKING_URI wins when set
+    tracking_server: bool  # Snakemake starts `mlflow server` on 127.0.0.1 over tracking_uri for its jobs
     mixed_precision: Literal["none", "fp16", "bf16"]  # autocast of training passes (Table 3: fp16); fp16: CUDA only
     dtype: Literal["float32", "float64"]  # of training weights; float64 only for numerical checks (tests of layouts)
     compile: bool  # torch.compile the networks of training and sampling

@@ -54,6 +54,33 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def start_server(backend_uri: str, artifacts: str = "mlartifacts",
+                 timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1 (a free port) over the store backend_uri: many jobs then write through one
+    process instead of contending for the SQLite file. Returns (the process, its URL) once it answers."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+                               "--artifacts-destination", str(Path(artifacts).resolve()), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {server.stderr.read()[-500:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:.0f} s")
+
+
 def setup(cfg: Config) -> None:
     import mlflow
 

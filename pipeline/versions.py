@@ -57,13 +57,17 @@ def configure_remote(cfg: Config, must_exist: bool) -> str:
     return url
 
 
-def locked_outputs() -> list[str]:
-    """The outputs of every stage dvc.lock records."""
+def locked_stages() -> dict[str, list[str]]:
+    """{stage: its outputs} of every stage dvc.lock records (the ones built and pushed)."""
     lock = Path("dvc.lock")
     if not lock.is_file():
-        return []
+        return {}
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return [out["path"] for stage in stages.values() for out in stage.get("outs", [])]
+    return {name: [out["path"] for out in stage.get("outs", [])] for name, stage in stages.items()}
+
+
+def locked_outputs() -> list[str]:
+    return [out for outs in locked_stages().values() for out in outs]
 
 
 def push(cfg: Config) -> None:
@@ -90,10 +94,10 @@ def pull(cfg: Config) -> None:
     if not outputs:
         sys.exit("error: dvc.lock: missing or empty; pull needs the dvc.lock that `make push` wrote, committed "
                  "with git")
-    _dvc("pull", "--quiet")
+    _dvc("pull", "--quiet", *locked_stages())
     # Snakemake's view: every output up to date, its params, code and inputs recorded as they are now.
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--touch", "--forceall", "--cores", "1", "--quiet",
-                             *outputs], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "snakemake", *outputs, "--touch", "--forceall", "--rerun-incomplete",
+                             "--cores", "1", "--quiet"], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: snakemake --touch: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
     print(f"pulled {len(outputs)} files from {url}; dvc status and snakemake -n see nothing to do", file=sys.stderr)

@@ -40,6 +40,7 @@ def workspace(tmp_path: Path, preset: str = "micro") -> tuple[Path, dict]:
     ws = tmp_path / "ws"
     ws.mkdir()
     shutil.copytree(ROOT / "pipeline", ws / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "envs", ws / "envs")
     shutil.copy(ROOT / "Snakefile", ws)
     text = (ROOT / "params.yaml").read_text()
     (ws / "params.yaml").write_text(re.sub(r"(?m)^preset: \S+", f"preset: {preset}", text))

@@ -314,3 +314,42 @@ def test_torn_reference_statistics_are_named(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match=r"fid_ref.npz: truncated or corrupt .*re-run reference_stats"):
         load_reference_stats(path)
+
+
+def test_a_dvc_remote_that_does_not_exist_is_named(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pipeline.versions", "pull", "--set",
+                             f"dvc.remote={tmp_path}/nowhere"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: dvc.remote: {tmp_path}/nowhere does not exist: nothing was pushed there "
+                                     "(run `make push` where the pipeline ran, or set dvc.remote to the store)")
+    assert not (tmp_path / ".dvc").exists()
+
+
+@pytest.mark.slow
+def test_the_workflow_can_log_through_its_own_mlflow_server(tmp_path):
+    """run.tracking_server: Snakemake starts mlflow server on 127.0.0.1, jobs log through it into the SQLite
+    store, and the server is gone when the workflow ends."""
+    import psutil
+    from conftest import set_micro_run
+    from mlflow.tracking import MlflowClient
+
+    ws, env = workspace(tmp_path)
+    set_micro_run(ws, tracking_server="true")
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # params' sqlite:///mlflow.db in ws
+    out = run([sys.executable, "-m", "snakemake", "--cores", "2", "data/cifar10/fid_ref.npz"], ws, env)
+    assert "MLflow: jobs log through http://127.0.0.1:" in out.stderr
+    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.run_name for r in runs) == ["prepare_data", "reference_stats"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    def server_in_ws(process) -> bool:
+        try:
+            return "mlflow" in " ".join(process.cmdline()) and process.cwd() == str(ws)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    time.sleep(1)
+    assert not [p for p in psutil.process_iter() if server_in_ws(p)]

@@ -144,15 +144,57 @@ def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp
     assert result["section"]["schedule"] == "fixed" and result["section"]["s1"] == 17
 
 
+def _git(ws, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=ws, check=True,
+                   capture_output=True)
+
+
 @pytest.mark.slow
-def test_dvc_repro_runs_the_same_dag(tmp_path):
+def test_dvc_repro_then_push_clone_pull_and_one_param_change(tmp_path):
+    """dvc repro builds the same DAG; push to a local remote, clone, pull: neither DVC nor Snakemake has anything
+    to do; then one param changes, and each re-runs exactly the stages that depend on it."""
     ws, env = workspace(tmp_path)
     run([sys.executable, "-m", "pipeline.stages", "--dvc"], ws, env)
-    run(["dvc", "init", "--no-scm", "-q"], ws, env)
+    _git(ws, "init", "-q")
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-qm", "code")
+    run(["dvc", "init", "-q"], ws, env)
     out = run(["dvc", "repro", "tables"], ws, env)  # the tables' ancestry; Snakemake's test runs the rest
-    names = [s.name for s in stages(load(ws / "params.yaml", "micro"))]
+    cfg = load(ws / "params.yaml", "micro")
+    names = [s.name for s in stages(cfg)]
     ran = {name for name in names if f"Running stage '{name}'" in out.stdout}
     assert ran == {n for n in names if not n.startswith(("edit_", "ablate_", "figure3"))}
     check_table(ws / "results/tables/table1.csv")
     again = run(["dvc", "repro", "tables"], ws, env)
     assert "Running stage" not in again.stdout
+
+    run([sys.executable, "-m", "pipeline.versions", "push"], ws, env)  # dvc.remote: ../consistency-models-dvc
+    assert (tmp_path / "consistency-models-dvc/files").is_dir()
+    _git(ws, "add", "dvc.lock", ".dvc", ".dvcignore", *[str(p.relative_to(ws)) for p in ws.rglob(".gitignore")])
+    _git(ws, "commit", "-qm", "run")
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(ws), str(clone))
+    clone_env = {**env, "PYTHONPATH": str(clone)}
+    assert not (clone / "checkpoints/cifar10/ct.pt").exists()
+    run([sys.executable, "-m", "pipeline.versions", "pull"], clone, clone_env)
+    assert (clone / "checkpoints/cifar10/ct.pt").read_bytes() == (ws / "checkpoints/cifar10/ct.pt").read_bytes()
+    assert "Data and pipelines are up to date." in run(["dvc", "status", "--with-deps", "tables"], clone,
+                                                        clone_env).stdout
+    dry = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "results/tables/table1.csv"], clone, clone_env)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    # One param: the stages that name it, then (Snakemake) everything downstream of them.
+    params = (clone / "params.yaml").read_text()
+    assert "\n  pr_k: 3 " in params
+    (clone / "params.yaml").write_text(params.replace("\n  pr_k: 3 ", "\n  pr_k: 2 ", 1))
+    direct = {s.name for s in stages(cfg) if any(p in ("evaluate", "evaluate.pr_k") for p in s.params)} & ran
+    downstream, outs = set(direct), {o for s in stages(cfg) if s.name in direct for o in s.outs}
+    for s in stages(cfg):  # stages() is in DAG order
+        if s.name in ran and outs & set(s.deps):
+            downstream.add(s.name)
+            outs |= set(s.outs)
+    assert direct == {"evaluate_teacher", "evaluate_cd", "evaluate_ct"} and downstream == direct | {"tables"}
+    dvc_dry = run(["dvc", "repro", "--dry", "tables"], clone, clone_env).stdout
+    assert {n for n in names if f"Running stage '{n}'" in dvc_dry} == direct  # DVC: downstream once outputs change
+    dry = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "results/tables/table1.csv"], clone, clone_env)
+    assert {line.split()[1].rstrip(":") for line in dry.stdout.splitlines() if line.startswith("rule ")} == downstream
