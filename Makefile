@@ -59,4 +59,4 @@ dag: setup
 clean-results:
 	rm -rf $(foreach d,cifar10 imagenet64 lsun_bedroom lsun_cat,data/$(d)/*.npy data/$(d)/*.npz data/$(d)/manifest.json) \
 	    checkpoints samples results/metrics results/tables \
-	    results/ablations results/figures .snakemake mlflow.db mlartifacts
+	    results/ablations results/figures .snakemake mlflow.db mlflow.db.lock mlartifacts

@@ -62,8 +62,9 @@ onstart:
                 raise WorkflowError(f"resources.{stage.resources}: {request.nodes} node(s) x {request.per_node} "
                                     f"processes start with srun: run with --profile slurm (or inside salloc), not "
                                     f"the {executor} executor")
+    serve = CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI")  # a user's server wins
     tracking.setup(CFG)  # create the MLflow store once, before parallel jobs race to do it
-    if CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if serve:
         # Jobs inherit the environment: they log through the server, which alone writes the SQLite file.
         server, url = tracking.start_server(CFG.run.tracking_uri)
         os.environ["MLFLOW_TRACKING_URI"] = url

@@ -7,6 +7,7 @@ environment variable MLFLOW_TRACKING_URI names another (e.g. a server, for many 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -81,12 +82,30 @@ def start_server(backend_uri: str, artifacts: str = "mlartifacts",
     raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:.0f} s")
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive lock beside the file while the store and experiment are first made:
+    processes that start at once on a new file would otherwise race through MLflow's schema migrations."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def setup(cfg: Config) -> None:
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.run.tracking_uri
     mlflow.set_tracking_uri(uri)
-    _retry(mlflow.set_experiment, cfg.run.experiment)
+    with _store_lock(uri):
+        _retry(mlflow.set_experiment, cfg.run.experiment)
 
 
 @contextlib.contextmanager
