@@ -163,6 +163,13 @@ def training_step(cfg: Config, kind: str) -> Callable[[], object]:
                                                                                   "after_step", "lr_at")})
 
 
+def random_consistency_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """A consistency model of the preset's network with random weights, compiled when run.compile asks."""
+    model = build_model("cd", cfg.raw["network"], cfg.raw["diffusion"], 0.0, cfg.data.spec.resolution,
+                        cfg.data.label_dim)
+    return compile_module(model.to(device).eval().requires_grad_(False), cfg.run.compile)
+
+
 def sampling_call(cfg: Config, workload: str, batch: int, device: torch.device) -> Callable[[], object]:
     """One batch of 1-step consistency sampling (a random CM of the preset's network) or of the teacher's Heun
     sampler (sample.teacher_steps noise levels), as the sample stage runs them."""
@@ -171,8 +178,7 @@ def sampling_call(cfg: Config, workload: str, batch: int, device: torch.device) 
     x_T = torch.randn(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if cfg.data.label_dim else None
     if workload == "1-step sampling":
-        model = build_model("cd", cfg.raw["network"], cfg.raw["diffusion"], 0.0, resolution, cfg.data.label_dim)
-        model = compile_module(model.to(device).eval().requires_grad_(False), cfg.run.compile)
+        model = random_consistency_model(cfg, device)
         return torch.inference_mode()(lambda: model(x_T * d.sigma_max, d.sigma_max, labels))
     teacher = compile_module(load_model(checkpoint(cfg, "teacher"), device), cfg.run.compile)
     sigmas = cm.karras_sigmas(cfg.sample.teacher_steps, d.sigma_min, d.sigma_max, d.rho)
@@ -211,8 +217,7 @@ def fid_path(cfg: Config, device: torch.device, samples: int) -> tuple[Row, Row]
     images = np.random.default_rng(0).integers(0, 256, (e.batch * 2, resolution, resolution, 3), dtype=np.uint8)
     seconds = seconds_per_call(lambda: inception(images, progress=False), device, warmup=1, calls=1)
     features = Row("Inception features", "eager", len(images) / seconds, note=f"{e.mode} resize")
-    model = build_model("cd", cfg.raw["network"], cfg.raw["diffusion"], 0.0, resolution, cfg.data.label_dim)
-    model = compile_module(model.to(device).eval().requires_grad_(False), cfg.run.compile)
+    model = random_consistency_model(cfg, device)
     generate(model, "cd", [d.sigma_max], min(samples, cfg.sample.batch), cfg.sample.batch, 0, device,
              d.sigma_min, progress=False)  # compile outside the clock
     start = time.perf_counter()

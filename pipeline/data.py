@@ -46,9 +46,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def verify_split(folder: str | os.PathLike, split: str) -> None:
-    """Check a split's files against <folder>/manifest.json (written by prepare_data): the image count, and the
-    sha256 of each file. A file's hash is computed once per (size, mtime) and remembered in .verified.json, so
-    a 590 GB LSUN split is hashed once, not before every stage."""
+    """Check a split's files against the sha256s in <folder>/manifest.json (written by prepare_data). A file's
+    hash is computed once per (size, mtime) and remembered in .verified.json, so a 590 GB LSUN split is hashed
+    once, not before every stage."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -74,6 +73,7 @@ import numpy as np
 import torch
 
 from pipeline import models
+from pipeline.data import sha256_file
 from pipeline.models import Denoiser, Preconditioned, atomic_save, build_model
 from pipeline.networks import SongUNet
 
@@ -595,14 +595,6 @@ def teacher_checkpoint(pickled: EDMPickle, arch: str, source: dict | None = None
     return ckpt, model.eval().requires_grad_(False)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Do two denoisers agree at low, middle and high noise on a fixed random batch?"""
     generator = torch.Generator().manual_seed(0)
@@ -626,7 +618,7 @@ def import_teacher(pkl: str | os.PathLike, out: str | os.PathLike, arch: str, ch
     if label_dim:
         raise EDMImportError(f"class-conditional network (label_dim={label_dim}); this pipeline is unconditional: "
                              f"use edm-cifar10-32x32-uncond-*.pkl")
-    ckpt, model = teacher_checkpoint(pickled, arch, {"file": pkl.name, "sha256": _sha256(pkl)})
+    ckpt, model = teacher_checkpoint(pickled, arch, {"file": pkl.name, "sha256": sha256_file(pkl)})
     staging = out.with_name(f".{out.name}.importing")
     atomic_save(ckpt, staging)
     try:

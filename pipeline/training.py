@@ -143,10 +143,10 @@ class Training:
         for module in (self.online, *self.extra.values()):  # in place: checkpoints keep their keys
             compile_module(module, cfg.run.compile)
         cuda = self.device.type == "cuda"
-        if optimizer == "adam":  # fused: one kernel for all parameters, its step counters on the device
+        if optimizer == "adam":  # fused on CUDA: one kernel for all parameters, its step counters on the device
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=section.lr, fused=cuda or None)
-        else:
-            self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=section.lr, foreach=cuda or None)
+        else:  # no fused RAdam; PyTorch picks its multi-tensor (foreach) kernels on CUDA
+            self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=section.lr)
         images, labels = load_split(data, "train")
         self.conditional = cfg.data.label_dim > 0
         first = ctx.rank * self.rank_rows
