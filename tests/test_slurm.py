@@ -267,11 +267,38 @@ def _release_requeued(stop: threading.Event, seen: list[str]) -> None:
         stop.wait(2)
 
 
+# Loaded through PYTHONPATH into the SLURM job's processes: every training step also sleeps, so the training lasts
+# longer than one leg on any machine (a fast one finished 300 plain steps in one leg). Numbers are untouched.
+SLOW_STEPS = """
+import importlib.abc, importlib.machinery, sys, time
+
+class SlowSteps(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "pipeline.training":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        execute = spec.loader.exec_module
+        def exec_module(module):
+            execute(module)
+            step = module.Training.train_step
+            def slow_step(self, *args, **kwargs):
+                time.sleep(STEP_SLEEP)
+                return step(self, *args, **kwargs)
+            module.Training.train_step = slow_step
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, SlowSteps())
+"""
+
+
 def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterrupted_run(slurm_cluster, tmp_path):
     import torch
     from conftest import largest_difference, run, set_training_resources, workspace
 
-    iterations = 300  # about 30 s of training on one core; each leg trains for about 15 s before its warning
+    # Each leg has at most 30 s between its start and its warning (sbatch -t 1, warn_seconds 30); the steps sleep
+    # 40 s in all, so at least two legs on any machine (about 10 s of computing on one core here).
+    iterations, step_sleep = 100, 0.4
     edits = {"teacher: {iterations: 4, batch: 4,": f"teacher: {{iterations: {iterations}, batch: 4,",
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 2, log_every: 1}":
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 100000, log_every: 50}",
@@ -288,6 +315,9 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
         workspaces.append((ws, env))
     (ws, env), (ref_ws, ref_env) = workspaces
     set_training_resources(ws, runtime=1, mem_mb=2000)  # sbatch -t 1 and --signal=URG@30
+    (ws / "patch").mkdir()
+    (ws / "patch" / "sitecustomize.py").write_text(SLOW_STEPS.replace("STEP_SLEEP", str(step_sleep)))
+    env = {**env, "PYTHONPATH": f"{ws / 'patch'}{os.pathsep}{env['PYTHONPATH']}"}
     run([sys.executable, "-m", "pipeline.prepare_data"], ref_ws, ref_env)
     reference = subprocess.Popen([sys.executable, "-m", "pipeline.train_teacher", "--set", "run.threads=1"],
                                  cwd=ref_ws, env=ref_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
