@@ -68,7 +68,8 @@ def train_run(cfg: Config, name: str) -> dict | None:
             training.ema.eval()
             with torch.no_grad():
                 images, _ = generate(training.ema, model, [d.sigma_max], a.num_samples, cfg.sample.batch,
-                                     seed=cfg.sample.seed, device=device, sigma_min=d.sigma_min, progress=False)
+                                     seed=cfg.sample.seed, device=device, sigma_min=d.sigma_min, progress=False,
+                                     uint8=cfg.sample.uint8)
             fid = frechet_distance(*feature_statistics(inception(images, progress=False).pool),
                                    reference["mu"], reference["sigma"])
             training.evaluations.append({"iteration": done, "fid": fid})

@@ -102,14 +102,15 @@ def multistep_sample(
     sigma_min: float = 0.002,
     clip: bool = True,
 ) -> torch.Tensor:
-    """Multistep consistency sampling (paper Alg. 1). x_T = sigmas[0] * z; sigmas descending.
+    """Multistep consistency sampling (paper Alg. 1). x_T = sigmas[0] * z; sigmas non-increasing (a repeated
+    time, as the official search's index 0 gives for (sigma_max, sigma_max), is a valid step: noise again to it).
 
     After each evaluation of f the sample is clamped to the data range [-1, 1] (as the paper) unless
     clip=False.
     """
     sigmas = [float(s) for s in sigmas]
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"multistep_sample needs strictly descending sigmas, got {sigmas}")
+    if any(b > a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"multistep_sample needs descending sigmas, got {sigmas}")
     x = f(x_T, torch.full((x_T.shape[0],), sigmas[0], device=x_T.device, dtype=x_T.dtype))
     x = x.clamp(-1, 1) if clip else x
     for tau in sigmas[1:]:
@@ -122,11 +123,15 @@ def multistep_sample(
 
 
 @torch.no_grad()
-def heun_sample(denoiser: Denoiser, x_T: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def heun_sample(denoiser: Denoiser, x_T: torch.Tensor, sigmas: torch.Tensor, clip: bool = False) -> torch.Tensor:
     """EDM's deterministic Heun sampler (EDM Alg. 1): 2n-1 evaluations for n sigmas, then sigma = 0.
 
-    x_T = sigmas[0] * z. Heun steps between consecutive sigmas, a final Euler step to 0.
+    x_T = sigmas[0] * z. Heun steps between consecutive sigmas, a final Euler step to 0. clip: every denoised
+    output D(x, sigma) is clamped to [-1, 1] before it is used (the official PyTorch karras_sample).
     """
+    if clip:
+        unclipped = denoiser
+        denoiser = lambda x, sigma: unclipped(x, sigma).clamp(-1, 1)
     sigmas = torch.as_tensor(sigmas, dtype=x_T.dtype, device=x_T.device)
     x = x_T
     for t, t_next in zip(sigmas[:-1], sigmas[1:]):

@@ -74,6 +74,8 @@ class Data:
     hflip: bool
     class_conditional: bool  # feed the labels to every network (ImageNet 64)
     workers: int  # processes that decode images in prepare_data (0: in-process)
+    sampling: Literal["replacement", "epochs"]  # training batches: independent draws, or shuffled epochs (code)
+    lsun_resize: Literal["halve_bicubic", "box"]  # LSUN: ADM's box halvings + bicubic, or one BOX resize (code)
 
     def problems(self) -> list[tuple[str, str]]:
         out = [("max_train", "must be > 0 or null")] if self.max_train is not None and self.max_train <= 0 else []
@@ -113,6 +115,7 @@ class Network:
     num_blocks: int
     attn_resolutions: list[int]
     options: dict[str, Any]  # further keyword arguments of pipeline.networks.build_network
+    c_noise: Literal["edm", "adm"]  # noise input of F: ln(sigma)/4 (EDM), or 1000 ln(sigma)/4 (official PyTorch)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -135,8 +138,10 @@ def _training_problems(cfg: Any) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Teacher:
-    source: Literal["train", "import"]  # import: the teacher stage converts an NVlabs EDM pickle instead of training
+    source: Literal["train", "import", "openai"]  # import: convert an NVlabs EDM pickle; openai: an OpenAI .pt
     edm_pickle: str  # the pickle imported when source is 'import' (edm-cifar10-32x32-uncond-{vp,ve}.pkl)
+    openai_checkpoint: str  # the file imported when source is 'openai' (edm_imagenet64_ema.pt, ...)
+    optimizer: Literal["adam", "radam"]  # EDM: Adam; the official PyTorch edm_train: RAdam
     iterations: int
     batch: int
     lr: float
@@ -159,6 +164,9 @@ class Teacher:
 
 
 Metric = Literal["l2", "l1", "lpips", "pseudo_huber"]
+# The target network's dropout: none (evaluated without), shared (the online network's mask of the step: both
+# official codes), independent (a mask of its own: what the PyTorch code's CPU-RNG replay gives on a GPU).
+TargetDropout = Literal["none", "shared", "independent"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,10 @@ class Distill:
     ema: float  # EMA rate of the weights that are evaluated
     dropout: float
     init_from_teacher: bool
+    init_weights: Literal["ema", "online"]  # which teacher weights the student starts from (PyTorch / JAX code)
+    target_dropout: TargetDropout
+    source: Literal["train", "openai"]  # openai: import a published consistency model instead of training
+    openai_checkpoint: str  # the file imported when source is 'openai' (cd_imagenet64_lpips.pt, ...)
     checkpoint_every: int
     log_every: int
 
@@ -199,6 +211,10 @@ class ConsistencyTraining:
     ema: float
     dropout: float
     init_from_teacher: bool  # the official PyTorch launch script does; the paper starts from random
+    init_weights: Literal["ema", "online"]  # with init_from_teacher: the teacher's EMA or online weights
+    target_dropout: TargetDropout
+    source: Literal["train", "openai"]  # openai: import a published consistency model instead of training
+    openai_checkpoint: str  # the file imported when source is 'openai' (ct_imagenet64.pt, ...)
     checkpoint_every: int
     log_every: int
 
@@ -216,6 +232,7 @@ class ConsistencyTraining:
 class Lpips:
     vgg16_weights: str  # torchvision's vgg16-397923af.pth
     linear_weights: str  # the LPIPS v0.1 'vgg' linear layers
+    pooling: Literal["max", "avg"]  # VGG's pooling: max (LPIPS v0.1, JAX code) or avg (piq replace_pooling: PyTorch)
 
 
 @dataclass(frozen=True)
@@ -227,6 +244,8 @@ class Sample:
     cd_schedules: list[list[float | Literal["search"]]]  # each: the descending times of Alg. 1 (length = NFE);
     ct_schedules: list[list[float | Literal["search"]]]  # 'search': the time the search_<model> stage found
     grid: int  # images in the PNG grid of each schedule
+    uint8: Literal["round", "truncate"]  # samples to uint8: round, or truncate as both official codes
+    teacher_clip: bool  # clamp each denoised output of the teacher's Heun sampler to [-1, 1] (PyTorch code)
 
     def problems(self) -> list[tuple[str, str]]:
         out = [(k, "must be > 0") for k in ("num_samples", "batch", "grid") if getattr(self, k) <= 0]
@@ -252,9 +271,10 @@ class Sample:
 class Search:
     """The 2-step intermediate time: a ternary search over the grid index, minimising FID (paper, Sec. 6)."""
 
-    grid: int | None  # Karras levels searched (1 .. grid-2); None: the model's last training grid (CD N, CT s1+1)
+    grid: int | None  # Karras levels searched; None: the model's last training grid (CD N, CT s1+1)
     num_samples: int  # samples per FID evaluation
     seed: int
+    indices: Literal["interior", "all"]  # 1 .. grid-2, or 0 .. grid-1 as the official ternary_search.py
 
     def problems(self) -> list[tuple[str, str]]:
         out = [("grid", f"must be >= 3 or null, got {self.grid}")] if self.grid is not None and self.grid < 3 else []
@@ -614,6 +634,10 @@ def _cross_checks(s: dict, where: str) -> None:
     if s["teacher"].source == "import" and (s["data"].dataset != "cifar10" or s["data"].class_conditional):
         raise ConfigError(f"{where}teacher.source: 'import' reads the unconditional NVlabs EDM CIFAR-10 pickles; "
                           f"data.dataset is {s['data'].dataset}")
+    for kind in ("teacher", "cd", "ct"):  # OpenAI's published models are ADM UNets fed 1000 ln(sigma) / 4
+        if s[kind].source == "openai" and (s["network"].arch, s["network"].c_noise) != ("adm", "adm"):
+            raise ConfigError(f"{where}{kind}.source: 'openai' imports an ADM UNet trained with c_noise adm; "
+                              f"network.arch is {s['network'].arch}, network.c_noise {s['network'].c_noise}")
     ablation = s["ablation"]
     for name, run in ablation.runs.items():
         if not isinstance(run, dict) or run.get("model") not in ("cd", "ct"):

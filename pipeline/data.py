@@ -100,14 +100,19 @@ def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float NCHW in [-1, 1] -> uint8 NHWC (rounded, clipped)."""
-    return uint8_on_device(x).cpu().numpy()
+def to_uint8(x: torch.Tensor, rounding: str = "round") -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC (clipped; rounded or truncated: sample.uint8)."""
+    return uint8_on_device(x, rounding).cpu().numpy()
 
 
-def uint8_on_device(x: torch.Tensor) -> torch.Tensor:
-    """float NCHW in [-1, 1] -> uint8 NHWC on x's device (rounded, clipped): a quarter of the bytes to copy."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+def uint8_on_device(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """float NCHW in [-1, 1] -> uint8 NHWC on x's device (clipped): a quarter of the bytes to copy. rounding
+    'round': the nearest level; 'truncate': (x + 1) * 127.5 cut towards zero, as both official codes do (every
+    pixel about half a level darker on average, which shifts FID, IS and precision/recall)."""
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    levels = (x.clamp(-1, 1) + 1) * 127.5
+    return (levels.round() if rounding == "round" else levels).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def training_images(rows: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -127,26 +132,35 @@ def choose_placement(placement: str, nbytes: int, device: torch.device) -> str:
 
 
 class Batches:
-    """Endless random training batches, with replacement across batches, with optional horizontal flips.
+    """Endless random training batches with optional horizontal flips. sampling 'replacement': each batch an
+    independent uniform draw of rows; 'epochs': shuffled passes over the split without replacement, the last
+    partial batch of each pass dropped (both official codes: a DataLoader with shuffle and drop_last).
 
     Every process draws the same global batch (row indices and flips from one seeded generator) and keeps its
     `rows` of it. next() returns them on `device` as uint8 NHWC rows, flip flags and labels; training_images()
     turns a micro-batch of them into model inputs there. placement 'device': the whole split lives on the
     device and rows are gathered there. 'stream': a background thread gathers the rows of the next batches
     from the (memory-mapped) split into pinned memory, and they are copied asynchronously. Both give the same
-    batches; state_dict() is the generator state before the first batch not yet returned."""
+    batches; state_dict() is the position (generator state, and epoch and offset) before the first batch not yet
+    returned."""
 
     PREFETCH = 2  # batches the stream thread keeps ready
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch: int, hflip: bool, seed: int,
-                 rows: slice = slice(None), device: torch.device | str = "cpu", placement: str = "stream"):
+                 rows: slice = slice(None), device: torch.device | str = "cpu", placement: str = "stream",
+                 sampling: str = "replacement"):
         if placement not in ("device", "stream"):
             raise ValueError(f"placement must be 'device' or 'stream', got {placement!r}")
-        self.batch, self.hflip, self.rows = batch, hflip, rows
+        if sampling not in ("replacement", "epochs"):
+            raise ValueError(f"sampling must be 'replacement' or 'epochs', got {sampling!r}")
+        if sampling == "epochs" and batch > len(images):
+            raise ValueError(f"a batch of {batch} does not fit one epoch of {len(images)} images")
+        self.batch, self.hflip, self.rows, self.sampling = batch, hflip, rows, sampling
         self.device, self.placement = torch.device(device), placement
-        self.num_images = len(images)
+        self.num_images, self.seed = len(images), seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.position = self.generator.get_state()
+        self.epoch, self.offset, self.order = 0, 0, None  # sampling 'epochs': the pass and its next row
+        self.position = self._position()
         self.pin = self.device.type == "cuda"
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
         if placement == "device":  # copied in chunks: no second host copy of a 16 GB split
@@ -158,9 +172,27 @@ class Batches:
             self.images, self.labels = images, labels
         self._queue: queue.Queue | None = None
 
+    def _position(self) -> dict:
+        return {"generator": self.generator.get_state(), "seed": self.seed, "epoch": self.epoch, "offset": self.offset}
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        # Each pass's order depends on (seed, epoch) only: a resume rebuilds it from the position alone.
+        return torch.randperm(self.num_images, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def _next_rows(self) -> torch.Tensor:
+        if self.sampling == "replacement":
+            return torch.randint(self.num_images, (self.batch,), generator=self.generator)
+        if self.offset + self.batch > self.num_images:  # drop_last: the remainder of this pass is skipped
+            self.epoch, self.offset, self.order = self.epoch + 1, 0, None
+        if self.order is None:
+            self.order = self._epoch_order(self.epoch)
+        index = self.order[self.offset:self.offset + self.batch]
+        self.offset += self.batch
+        return index
+
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row indices, flip flags) of the next global batch, on the CPU."""
-        index = torch.randint(self.num_images, (self.batch,), generator=self.generator)
+        index = self._next_rows()
         if not self.hflip:
             return index, torch.zeros(self.batch, dtype=torch.bool)
         return index, torch.rand(self.batch, generator=self.generator) < 0.5
@@ -173,7 +205,7 @@ class Batches:
         """The stream thread's work: draw the next batch, read this process's rows from the split."""
         index, flip = (t[self.rows] for t in self.draw())
         images = torch.from_numpy(np.ascontiguousarray(self.images[index.numpy()]))
-        return (images, flip, self.labels[index]), self.generator.get_state()
+        return (images, flip, self.labels[index]), self._position()
 
     def _stream(self) -> None:
         while True:
@@ -188,7 +220,7 @@ class Batches:
         """(uint8 NHWC images, flips, labels) of this process's rows of the next global batch, on the device."""
         if self.placement == "device":
             index, flip = (t[self.rows] for t in self.draw())
-            self.position = self.generator.get_state()
+            self.position = self._position()
             index, flip = self._to_device(index, flip)
             return self.images[index], flip, self.labels[index]
         if self._queue is None:
@@ -202,13 +234,17 @@ class Batches:
         return images, flip, labels
 
     def state_dict(self) -> dict:
-        return {"generator": self.position}
+        return dict(self.position)
 
     def load_state_dict(self, state: dict) -> None:
         if self._queue is not None:
             raise RuntimeError("Batches.load_state_dict after the first batch was drawn")
         self.generator.set_state(state["generator"])
-        self.position = self.generator.get_state()
+        self.seed = state.get("seed", self.seed)
+        self.epoch, self.offset, self.order = state.get("epoch", 0), state.get("offset", 0), None
+        if self.sampling == "epochs":
+            self.order = self._epoch_order(self.epoch)
+        self.position = self._position()
 
 
 @contextlib.contextmanager

@@ -69,12 +69,13 @@ class RawSplit:
     chunks: Callable[[], Iterator[Chunk]]  # fresh iterator per call, fixed order; lengths sum to count
 
 
-def raw_splits(spec: DatasetSpec, source: Path, workers: int = 0) -> dict[str, RawSplit]:
+def raw_splits(spec: DatasetSpec, source: Path, workers: int = 0,
+               lsun_resize: str = "halve_bicubic") -> dict[str, RawSplit]:
     """The train/test splits of a dataset read from its raw download at `source`."""
     if spec.name == "imagenet64":
         return read_imagenet64(source)
     if spec.name in ("lsun_bedroom", "lsun_cat"):
-        return read_lsun(source, spec.name.removeprefix("lsun_"), spec.resolution, workers)
+        return read_lsun(source, spec.name.removeprefix("lsun_"), spec.resolution, workers, lsun_resize)
     raise ValueError(f"no raw-data reader for dataset {spec.name!r}")
 
 
@@ -161,7 +162,21 @@ def center_crop_resize(image: Image.Image, resolution: int) -> np.ndarray:
     return array[top : top + resolution, left : left + resolution]
 
 
-def _decode(item: tuple[str, bytes], resolution: int) -> np.ndarray:
+def box_resize_crop(image: Image.Image, resolution: int) -> np.ndarray:
+    """Shorter side to `resolution` in one BOX resize, then the centre square: the official
+    datasets/lsun_bedroom.py that made OpenAI's LSUN training folders."""
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(int(round(scale * side)) for side in image.size), resample=Image.Resampling.BOX)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - resolution) // 2, (array.shape[1] - resolution) // 2
+    return array[top : top + resolution, left : left + resolution]
+
+
+RESIZES = {"halve_bicubic": center_crop_resize, "box": box_resize_crop}  # data.lsun_resize
+
+
+def _decode(item: tuple[str, bytes], resolution: int, resize: str = "halve_bicubic") -> np.ndarray:
     name, data = item
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -170,16 +185,17 @@ def _decode(item: tuple[str, bytes], resolution: int) -> np.ndarray:
         raise SourceError(f"{name}: not an image in a format PIL reads") from None
     except Exception as e:  # corrupt data raises anything from OSError to SyntaxError or struct.error
         raise SourceError(f"{name}: cannot decode the image ({type(e).__name__}: {e})") from None
-    return center_crop_resize(image, resolution)
+    return RESIZES[resize](image, resolution)
 
 
 def _stack(images: list[np.ndarray]) -> Chunk:
     return np.stack(images), np.zeros(len(images), dtype=np.int64)  # LSUN is unconditional: label 0
 
 
-def _decoded_chunks(items: Iterable[tuple[str, bytes]], resolution: int, workers: int) -> Iterator[Chunk]:
+def _decoded_chunks(items: Iterable[tuple[str, bytes]], resolution: int, workers: int,
+                    resize: str = "halve_bicubic") -> Iterator[Chunk]:
     """Decoded images in the order of `items`, LSUN_CHUNK at a time, on `workers` processes (0: in-process)."""
-    decode, items = functools.partial(_decode, resolution=resolution), iter(items)
+    decode, items = functools.partial(_decode, resolution=resolution, resize=resize), iter(items)
     batches = iter(lambda: list(itertools.islice(items, LSUN_CHUNK)), [])
     if workers <= 0:
         yield from (_stack([decode(item) for item in batch]) for batch in batches)
@@ -269,14 +285,15 @@ def _find_lsun(source: Path, category: str) -> tuple[_Images | None, _Images | N
     return _Images(folders["train"], _image_files(folders["train"])), test
 
 
-def read_lsun(source: Path, category: str, resolution: int, workers: int = 0) -> dict[str, RawSplit]:
+def read_lsun(source: Path, category: str, resolution: int, workers: int = 0,
+              resize: str = "halve_bicubic") -> dict[str, RawSplit]:
     """LSUN Bedroom or Cat from the LMDB export (or train/ and test/ image folders), center-cropped to resolution.
 
     Bedroom: bedroom_train_lmdb/ and bedroom_val_lmdb/. Cat: cat/ (the object category export), cat_train_lmdb/ or
     `source` itself holding data.mdb. Images come in key (LMDB) or relative-path (folders) order. Where there is no
     test split (Cat; Bedroom without its val LMDB or test/ folder) the last min(1000, max(1, count // 10)) images of
     that order are held out as 'test' and left out of 'train'. Labels are all 0. `workers` > 0 decodes on that many
-    processes with the same output.
+    processes with the same output. `resize`: data.lsun_resize (RESIZES).
     """
     if category not in ("bedroom", "cat"):
         raise ValueError(f"LSUN category must be 'bedroom' or 'cat', got {category!r}")
@@ -294,7 +311,7 @@ def read_lsun(source: Path, category: str, resolution: int, workers: int = 0) ->
 
     def split(images: _Images, start: int, stop: int) -> RawSplit:
         def chunks() -> Iterator[Chunk]:
-            return _decoded_chunks(images.items(start, stop), resolution, workers)
+            return _decoded_chunks(images.items(start, stop), resolution, workers, resize)
 
         return RawSplit(stop - start, chunks)
 

@@ -4,7 +4,8 @@
 
 Each step: n ~ U{0..N-2} on the descending Karras grid, t = sigma_n > t2 = sigma_{n+1}; x_t = x + t z;
 one teacher ODE step (Euler or Heun) gives x_t2; loss d(f_theta(x_t, t), f_theta-(x_t2, t2)) with
-lambda = 1; then theta- <- mu theta- + (1 - mu) theta. The student starts from the teacher's weights.
+lambda = 1; then theta- <- mu theta- + (1 - mu) theta. The student starts from the teacher's EMA weights
+(cd.init_weights: ema, the PyTorch code) or its online ones (online, the JAX code).
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from pipeline.config import Config, Distill, stage_cli
 from pipeline.distributed import Context
 from pipeline.lpips import training_distance
 from pipeline.models import compile_module, ema_update, frozen_copy, load_model, model_for
-from pipeline.noise import Noise, TorchNoise
+from pipeline.noise import Noise, SharedDropout, TorchNoise
 from pipeline.stages import checkpoint, training_io
 from pipeline.training import Training, setup_training
 
 
 def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Tensor, sigmas: torch.Tensor,
             teacher_step: Callable, distance: Callable, labels: torch.Tensor | None = None,
-            noise: Noise | TorchNoise | None = None) -> torch.Tensor:
+            noise: Noise | TorchNoise | None = None, dropout: SharedDropout | None = None) -> torch.Tensor:
     """Algorithm 2, one batch: d(f_theta(x_t, t), f_theta-(x_t2, t2)), x_t2 from one teacher ODE step.
     Class-conditional models see the image's label in all three networks. `noise` draws n (stream 0) and
-    z (stream 1) for x's rows (default: torch's generator)."""
+    z (stream 1) for x's rows (default: torch's generator); `dropout` may give target and student one mask."""
     if labels is not None:
         student, target, teacher = (partial(m, class_labels=labels) for m in (student, target, teacher))
     noise = noise or TorchNoise(x.shape[0], x.device)
@@ -39,7 +40,11 @@ def cd_loss(student: Callable, target: Callable, teacher: Callable, x: torch.Ten
     x_t = x + t.reshape(-1, *[1] * (x.ndim - 1)) * noise.normal_like(1, x)
     with torch.no_grad():
         x_t2 = teacher_step(teacher, x_t, t, t2)
+        if dropout:
+            dropout.remember()
         target_out = target(x_t2, t2)
+    if dropout:
+        dropout.replay()
     return distance(student(x_t, t), target_out).mean()
 
 
@@ -54,15 +59,20 @@ def trainer(cfg: Config, c: Distill, ctx: Context, **training_args: Any) -> tupl
     compile_module(teacher, cfg.run.compile)
     student = model_for("cd", cfg, c.dropout)
     if c.init_from_teacher:
-        student.net.load_state_dict(teacher.net.state_dict())
+        start = teacher if c.init_weights == "ema" else load_model(checkpoint(cfg, "teacher"), weights="model")
+        student.net.load_state_dict(start.net.state_dict())
     target = frozen_copy(student).to(device)
+    if c.target_dropout != "none":  # the target's dropout layers draw masks too (both official codes)
+        target.train()
+    dropout = SharedDropout(c.target_dropout, device)
     training = Training("cd", cfg, c, student, ctx, optimizer=c.optimizer, extra={"target": target},
                         **training_args)
     sigmas = cm.karras_sigmas(c.N, d.sigma_min, d.sigma_max, d.rho).to(device)
     teacher_step = {"euler": cm.euler_step, "heun": cm.heun_step}[c.solver]
 
     def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None, noise: Noise) -> tuple[torch.Tensor, dict]:
-        return cd_loss(training.online, target, teacher, x, sigmas, teacher_step, distance, labels, noise), {}
+        return cd_loss(training.online, target, teacher, x, sigmas, teacher_step, distance, labels, noise,
+                       dropout), {}
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, c.mu)

@@ -222,9 +222,9 @@ def main() -> None:
             if outcome["truth"] is None:
                 entry.update(psnr=None, ssim=None, note="no ground truth: new images from latents")
             else:
-                result = to_uint8(outcome["result"].cpu())
+                result = to_uint8(outcome["result"].cpu(), cfg.sample.uint8)
                 entry.update(quality(result, truth_uint8))
-                baseline = quality(to_uint8(outcome["input"].cpu()), truth_uint8)
+                baseline = quality(to_uint8(outcome["input"].cpu(), cfg.sample.uint8), truth_uint8)
                 entry.update(psnr_input=baseline["psnr"], ssim_input=baseline["ssim"])
                 if task == "inpainting":
                     entry.update(inpainting_fid(result, cfg, device))

@@ -2,7 +2,9 @@
 
 LPIPS needs two weight files that cannot be fetched at run time here: torchvision's ImageNet VGG16
 and the LPIPS v0.1 linear layers. As in the paper, inputs below 256x256 are upsampled bilinearly to
-224x224 first (App. C).
+224x224 first (App. C). pooling 'avg' puts average pooling in VGG's five max-pooling layers, as piq's
+LPIPS(replace_pooling=True) that the official PyTorch code trains with; its input normalisation (ImageNet mean
+and std on [0, 1]) is LPIPS' shift and scale on [-1, 1], so the pooling is the only difference.
 """
 
 from __future__ import annotations
@@ -44,14 +46,21 @@ def require_weights(paths: Lpips) -> None:
 class LPIPS(nn.Module):
     """d(x, y) = sum_l mean_hw || w_l * (phi_l(x)/|phi_l(x)| - phi_l(y)/|phi_l(y)|) ||^2, x, y in [-1, 1]."""
 
-    def __init__(self, vgg16_state: dict | None = None, linear_state: dict | None = None) -> None:
+    def __init__(self, vgg16_state: dict | None = None, linear_state: dict | None = None,
+                 pooling: str = "max") -> None:
         super().__init__()
         import torchvision
 
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
         features = torchvision.models.vgg16(weights=None).features
         if vgg16_state is not None:
             prefix = "features."
             features.load_state_dict({k[len(prefix):]: v for k, v in vgg16_state.items() if k.startswith(prefix)})
+        if pooling == "avg":  # no weights in pooling layers: the same state dict either way
+            for i, layer in enumerate(features):
+                if isinstance(layer, nn.MaxPool2d):
+                    features[i] = nn.AvgPool2d(kernel_size=2, stride=2)
         starts = (0,) + LAYER_ENDS[:-1]
         self.slices = nn.ModuleList(features[a:b] for a, b in zip(starts, LAYER_ENDS))
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in CHANNELS)
@@ -66,7 +75,7 @@ class LPIPS(nn.Module):
     def from_files(cls, paths: Lpips) -> LPIPS:
         require_weights(paths)
         return cls(torch.load(paths.vgg16_weights, map_location="cpu", weights_only=True),
-                   torch.load(paths.linear_weights, map_location="cpu", weights_only=True))
+                   torch.load(paths.linear_weights, map_location="cpu", weights_only=True), paths.pooling)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h_x, h_y = (x - self.shift) / self.scale, (y - self.shift) / self.scale

@@ -87,3 +87,29 @@ class TorchNoise:
 
     def normal_like(self, stream: int, x: torch.Tensor) -> torch.Tensor:
         return torch.randn_like(x)
+
+
+class SharedDropout:
+    """The target network's dropout masks (cd/ct.target_dropout) are drawn from torch's generator of the device,
+    like the online network's. 'shared': remember() before the target's forward and replay() before the online
+    one, so both draw the same masks in a step (both official codes: JAX passes one dropout key to both; the
+    PyTorch code restores torch.get_rng_state(), which replays the masks on the CPU only). 'none' and
+    'independent' leave the generator alone."""
+
+    def __init__(self, mode: str, device: torch.device | str):
+        if mode not in ("none", "shared", "independent"):
+            raise ValueError(f"target_dropout must be none, shared or independent, got {mode!r}")
+        self.shared, self.device, self.state = mode == "shared", torch.device(device), None
+
+    def remember(self) -> None:
+        if self.shared:
+            self.state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                          else torch.get_rng_state())
+
+    def replay(self) -> None:
+        if self.shared and self.state is not None:
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.state, self.device)
+            else:
+                torch.set_rng_state(self.state)
+            self.state = None

@@ -93,7 +93,8 @@ def read_source(cfg: Config) -> dict[str, RawSplit]:
     """The raw splits of the configured dataset, read from data.source."""
     source, spec = cfg.data.source, cfg.data.spec
     if spec.name != "cifar10":
-        return raw_splits(spec, Path(source).expanduser(), workers=cfg.data.workers)
+        return raw_splits(spec, Path(source).expanduser(), workers=cfg.data.workers,
+                          lsun_resize=cfg.data.lsun_resize)
     if source == "torchvision":
         splits = read_torchvision(Path(data_dir(cfg)) / "download")
     else:

@@ -58,8 +58,10 @@ def class_labels(num_samples: int, label_dim: int, seed: int) -> np.ndarray | No
 
 
 def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples: int, batch: int, seed: int,
-             device: torch.device, sigma_min: float = 0.002, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """num_samples images (uint8 NHWC) and their labels; batch b starts from the noise of seed (seed, b)."""
+             device: torch.device, sigma_min: float = 0.002, progress: bool = True, uint8: str = "round",
+             teacher_clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """num_samples images (uint8 NHWC, rounded or truncated: sample.uint8) and their labels; batch b starts from
+    the noise of seed (seed, b). teacher_clip: the teacher's Heun sampler clamps each denoised output."""
     resolution = model.net.img_resolution
     labels = class_labels(num_samples, model.label_dim, seed)
     out = []  # uint8 batches, copied to the host without waiting: the GPU runs on to the next batch
@@ -72,10 +74,10 @@ def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples
         y = None if labels is None else torch.as_tensor(labels[start:start + n], device=device)
         f = model if y is None else (lambda x, sigma, y=y: model(x, sigma, y))
         if kind == "teacher":
-            x = cm.heun_sample(f, x_T, torch.tensor(sigmas))
+            x = cm.heun_sample(f, x_T, torch.tensor(sigmas), clip=teacher_clip)
         else:
             x = cm.multistep_sample(f, x_T, sigmas, generator=generator.manual_seed(seed + b + 1), sigma_min=sigma_min)
-        out.append(uint8_on_device(x).to("cpu", non_blocking=device.type == "cuda"))
+        out.append(uint8_on_device(x, uint8).to("cpu", non_blocking=device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the last copies have landed
     images = torch.cat(out).numpy()
@@ -115,7 +117,7 @@ def main() -> None:
         for nfe, sigmas in schedules(cfg, args.model).items():
             start = time.perf_counter()
             images[nfe], labels = generate(model, args.model, sigmas, s.num_samples, s.batch, s.seed, device,
-                                           cfg.diffusion.sigma_min)
+                                           cfg.diffusion.sigma_min, uint8=s.uint8, teacher_clip=s.teacher_clip)
             seconds = time.perf_counter() - start
             arrays[f"sigmas_nfe{nfe}"] = np.asarray(sigmas, np.float64)
             tracking.log_metrics({f"nfe{nfe}_img_per_s": len(images[nfe]) / seconds})

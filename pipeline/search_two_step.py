@@ -58,6 +58,12 @@ def grid_levels(cfg, model: str) -> int:
     return cfg.cd.N if model == "cd" else cfg.ct.s1 + 1
 
 
+def search_range(levels: int, indices: str) -> tuple[int, int]:
+    """The grid indices searched: 'interior' leaves out sigma_max (index 0) and sigma_min (levels - 1), 'all' is
+    the official ternary_search.py (--begin 0 --end N-1: index 0 samples twice at sigma_max, N-1 is one step)."""
+    return (0, levels - 1) if indices == "all" else (1, levels - 2)
+
+
 def plot_search(probes: dict[float, float], best: float, path: Path, title: str) -> None:
     """FID against the intermediate time, the chosen one marked; written atomically."""
     import matplotlib
@@ -91,14 +97,15 @@ def main() -> None:
 
         def fid_at(index: int) -> float:
             images, _ = generate(model, args.model, [d.sigma_max, grid[index]], s.num_samples, cfg.sample.batch,
-                                 s.seed, device, d.sigma_min, progress=False)
+                                 s.seed, device, d.sigma_min, progress=False, uint8=cfg.sample.uint8)
             fid = frechet_distance(*feature_statistics(inception(images, progress=False).pool),
                                    reference["mu"], reference["sigma"])
             tracking.log_metrics({"fid": fid, "sigma": grid[index]}, step=index)
             print(f"search_{args.model}: tau = grid[{index}] = {grid[index]:.4f}: FID {fid:.3f}", file=sys.stderr)
             return fid
 
-        best, seen = ternary_search(fid_at, 1, levels - 2)  # sigma_max and sigma_min themselves are excluded
+        lo, hi = search_range(levels, s.indices)
+        best, seen = ternary_search(fid_at, lo, hi)
         result = {"model": args.model, "sigma": grid[best], "index": best, "grid": levels,
                   "fid": seen[best], "num_samples": s.num_samples, "mlflow_run_id": run.info.run_id,
                   "probes": [{"index": i, "sigma": grid[i], "fid": seen[i]} for i in sorted(seen)]}

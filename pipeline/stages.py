@@ -164,7 +164,7 @@ def teacher_stage(cfg: Config) -> Stage:
 def stages(cfg: Config) -> list[Stage]:
     """All stages for a resolved config (CT depends on the teacher only when it starts from it)."""
     train = split_paths(cfg, "train")
-    data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional"]
+    data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional", "data.lsun_resize"]
     train_params = TRAIN_PARAMS
     refs = [ref_stats(cfg), ref_features(cfg)]
     teacher = [checkpoint(cfg, "teacher")]
@@ -187,7 +187,7 @@ def stages(cfg: Config) -> list[Stage]:
               [checkpoint(cfg, "ct"), loss_figure(cfg, "ct")], train_params + ["ct", "lpips"], "train_ct",
               training=True),
     ]
-    sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid"]
+    sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid", "sample.uint8"]
     for model in ("cd", "ct"):
         if searched(cfg, model):
             out.append(Stage(f"search_{model}", f"python -m pipeline.search_two_step --model {model}",
@@ -195,14 +195,15 @@ def stages(cfg: Config) -> list[Stage]:
                              + EVAL_CODE + CORE,
                              [two_step(cfg, model), figure(cfg, f"two_step_{model}")],
                              ["diffusion", "search", "cd.N" if model == "cd" else "ct.s1", "sample.batch",
-                              "evaluate.mode", "evaluate.inception"], "evaluate"))
-    sampler_params = {"teacher": "sample.teacher_steps", "cd": "sample.cd_schedules", "ct": "sample.ct_schedules"}
+                              "sample.uint8", "evaluate.mode", "evaluate.inception"], "evaluate"))
+    sampler_params = {"teacher": ["sample.teacher_steps", "sample.teacher_clip"], "cd": ["sample.cd_schedules"],
+                      "ct": ["sample.ct_schedules"]}
     for model in MODELS:
         out.append(Stage(f"sample_{model}", f"python -m pipeline.sample --model {model}",
                          [checkpoint(cfg, model)] + ([two_step(cfg, model)] if searched(cfg, model) else [])
                          + ["pipeline/sample.py"] + CORE,
                          [samples(cfg, model), figure(cfg, f"samples_{model}")],
-                         sample_params + [sampler_params[model]], "sample"))
+                         sample_params + sampler_params[model], "sample"))
     for model in MODELS:
         out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
                          [samples(cfg, model)] + refs + EVAL_CODE, [metrics(cfg, model)],
@@ -214,7 +215,7 @@ def stages(cfg: Config) -> list[Stage]:
                      [checkpoint(cfg, edited)] + split_paths(cfg, "test") + [ref_stats(cfg), "pipeline/edit.py",
                       "pipeline/editing.py", "pipeline/metrics.py", "pipeline/data.py"] + CORE,
                      edit_outputs(cfg, edited),
-                     ["diffusion", "edit", "evaluate.mode", "evaluate.inception"], "sample"))
+                     ["diffusion", "edit", "sample.uint8", "evaluate.mode", "evaluate.inception"], "sample"))
     runs = cfg.ablation.used_runs()
     for run in runs:
         model = cfg.ablation.runs[run]["model"]
@@ -226,7 +227,7 @@ def stages(cfg: Config) -> list[Stage]:
                          [ablation_result(cfg, run), ablation_checkpoint(cfg, run)],
                          train_params + [model, "lpips", f"ablation.runs.{run}", "ablation.iterations",
                                          "ablation.eval_every", "ablation.num_samples", "sample.batch",
-                                         "evaluate.mode", "evaluate.inception"], TRAIN_STAGE[model],
+                                         "sample.uint8", "evaluate.mode", "evaluate.inception"], TRAIN_STAGE[model],
                          training=True))
     if runs:
         out.append(Stage("figure3", "python -m pipeline.ablation --figure",

@@ -19,16 +19,17 @@ from pipeline.config import Config, ConsistencyTraining, stage_cli
 from pipeline.distributed import Context
 from pipeline.lpips import training_distance
 from pipeline.models import ema_update, frozen_copy, load_model, model_for
-from pipeline.noise import Noise, TorchNoise
+from pipeline.noise import Noise, SharedDropout, TorchNoise
 from pipeline.stages import checkpoint, training_io
 from pipeline.training import Training, setup_training
 
 
 def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Tensor,
             distance: Callable, labels: torch.Tensor | None = None,
-            noise: Noise | TorchNoise | None = None) -> torch.Tensor:
+            noise: Noise | TorchNoise | None = None, dropout: SharedDropout | None = None) -> torch.Tensor:
     """Algorithm 3, one batch: d(f_theta(x + t z, t), f_theta-(x + t2 z, t2)) with the same z. `noise` draws
-    n (stream 0) and z (stream 1) for x's rows (default: torch's generator)."""
+    n (stream 0) and z (stream 1) for x's rows (default: torch's generator); `dropout` may give target and
+    model one mask."""
     if labels is not None:
         model, target = partial(model, class_labels=labels), partial(target, class_labels=labels)
     noise = noise or TorchNoise(x.shape[0], x.device)
@@ -37,7 +38,11 @@ def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Te
     shape = (-1, *[1] * (x.ndim - 1))
     z = noise.normal_like(1, x)
     with torch.no_grad():
+        if dropout:
+            dropout.remember()
         target_out = target(x + t2.reshape(shape) * z, t2)
+    if dropout:
+        dropout.replay()
     return distance(model(x + t.reshape(shape) * z, t), target_out).mean()
 
 
@@ -55,8 +60,12 @@ def trainer(cfg: Config, c: ConsistencyTraining, ctx: Context, **training_args: 
     distance = training_distance(c.metric, cfg.lpips, device)
     model = model_for("ct", cfg, c.dropout)
     if c.init_from_teacher:
-        model.net.load_state_dict(load_model(checkpoint(cfg, "teacher"), cfg=cfg).net.state_dict())
+        weights = "ema" if c.init_weights == "ema" else "model"
+        model.net.load_state_dict(load_model(checkpoint(cfg, "teacher"), weights=weights, cfg=cfg).net.state_dict())
     target = frozen_copy(model).to(device)
+    if c.target_dropout != "none":  # the target's dropout layers draw masks too (both official codes)
+        target.train()
+    dropout = SharedDropout(c.target_dropout, device)
     training = Training("ct", cfg, c, model, ctx, optimizer=c.optimizer, extra={"target": target},
                         **training_args)
 
@@ -66,7 +75,8 @@ def trainer(cfg: Config, c: ConsistencyTraining, ctx: Context, **training_args: 
 
     def loss_fn(step: int, x: torch.Tensor, labels: torch.Tensor | None, noise: Noise) -> tuple[torch.Tensor, dict]:
         n_steps, mu = schedule(c, step)
-        return ct_loss(training.online, target, x, grid(n_steps), distance, labels, noise), {"N": n_steps, "mu": mu}
+        return (ct_loss(training.online, target, x, grid(n_steps), distance, labels, noise, dropout),
+                {"N": n_steps, "mu": mu})
 
     def after_step(step: int) -> dict:
         ema_update(target, training.model, schedule(c, step)[1])

@@ -3,7 +3,8 @@
     python -m pipeline.train_teacher [--config params.yaml] [--set teacher.iterations=1000]
 
 Denoising score matching with log-normal sigma and EDM's loss weight (EDM eq. 8 and Table 1),
-Adam with a linear learning-rate warm-up, and an EMA whose half-life ramps up with images seen.
+Adam (or RAdam: teacher.optimizer, as the official PyTorch edm_train) with a linear learning-rate warm-up,
+and an EMA whose half-life ramps up with images seen.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def ema_rate(step: int, batch: int, halflife_kimg: float, rampup: float | None) 
 def trainer(cfg: Config, t: Teacher, ctx: Context, **training_args: Any) -> tuple[Training, dict]:
     """The Training of the EDM teacher for the section `t` and the arguments of its fit(); training_args: the
     DAG's paths and fingerprint (pipeline.stages.training_io)."""
-    training = Training("teacher", cfg, t, model_for("teacher", cfg, t.dropout), ctx, optimizer="adam",
+    training = Training("teacher", cfg, t, model_for("teacher", cfg, t.dropout), ctx, optimizer=t.optimizer,
                         **training_args)
     sigma_data = cfg.diffusion.sigma_data
 

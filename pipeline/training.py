@@ -51,6 +51,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 WARNING_SIGNALS = (signal.SIGURG, signal.SIGUSR1)  # SLURM's "time limit ahead" (sbatch --signal): requeue
 _received: list[int] = []  # signals seen since setup_training(); the loop stops at the next step boundary
 _original: dict = {}  # the handlers before the first _catch_signals(), restored when training ends
+MAX_SKIPPED_IN_A_ROW = 50  # fp16 overflows in a row before training stops (the loss scale fell by 2^50)
 
 
 def _catch_signals() -> None:
@@ -129,7 +130,8 @@ class Training:
         self.rank_rows = section.batch // ctx.world_size
         self.dtype = getattr(torch, cfg.run.dtype)
         self.autocast_dtype = autocast_dtype(cfg.run.mixed_precision, self.device, self.dtype)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.skipped = 0  # fp16 steps whose gradients overflowed (not taken), and how many of them in a row
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.model = model.to(self.device, self.dtype, memory_format=self.memory_format).train()
         self.ema = frozen_copy(self.model)
@@ -153,8 +155,8 @@ class Training:
         self.placement = choose_placement(cfg.run.data_placement, images.nbytes, self.device)
         self.batches = Batches(images, labels, section.batch, cfg.data.hflip, seed=cfg.run.seed,
                                rows=slice(first, first + self.rank_rows), device=self.device,
-                               placement=self.placement)
-        self.step, self.history, self.evaluations, self.run_id = 0, [], [], None
+                               placement=self.placement, sampling=cfg.data.sampling)
+        self.step, self.history, self.evaluations, self.run_id, self.skipped_in_a_row = 0, [], [], None, 0
         torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)  # dropout: each rank its own masks
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -177,6 +179,7 @@ class Training:
             "extra": {name: m.state_dict() for name, m in self.extra.items()},
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "batches": self.batches.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
+            "skipped": self.skipped,
             "evaluations": self.evaluations, "mlflow_run_id": self.run_id,
         }
 
@@ -220,15 +223,16 @@ class Training:
         if self.ctx.world_size == 1 and state.get("world_size", 1) == 1:
             torch.set_rng_state(state["torch_rng"])  # dropout masks continue exactly where one process stopped
         self.step, self.history, self.run_id = state["step"], state["history"], state["mlflow_run_id"]
-        self.evaluations = state.get("evaluations", [])
+        self.evaluations, self.skipped = state.get("evaluations", []), state.get("skipped", 0)
         was = state.get("world_size", 1)
         self.say(f"resuming {self.kind} from step {self.step} ({path})"
                  + (f", written by {was} processes, now {self.ctx.world_size}" if was != self.ctx.world_size else ""))
 
     # ---------------------------------------------------------------------------------------------
-    def _step(self, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+    def _step(self, loss_fn: LossFn) -> tuple[torch.Tensor, dict, bool]:
         """One optimiser step over this rank's rows of the global batch; returns their summed loss (on the device:
-        nothing here waits for the GPU)."""
+        nothing here waits for the GPU unless fp16 loss scaling must know whether the step was taken) and whether
+        the optimiser stepped."""
         images, flip, all_labels = self.batches.next()
         first = self.ctx.rank * self.rank_rows
         self.optimizer.zero_grad(set_to_none=True)
@@ -244,19 +248,29 @@ class Training:
             # The gradient of this rank's mean; DDP then averages the ranks: the global batch's mean.
             self.scaler.scale(loss * (self.micro_batch / self.rank_rows)).backward()
             loss_sum += loss.detach().float() * self.micro_batch
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss_sum, logs
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)  # skips the optimiser step when a gradient is inf or NaN
+        self.scaler.update()  # ... and then, only then, lowers the scale
+        return loss_sum, logs, scale is None or self.scaler.get_scale() >= scale
 
     def train_step(self, loss_fn: LossFn, ema_rate: Callable[[int], float],
                    after_step: Callable[[int], dict] | None = None,
                    lr_at: Callable[[int], float] | None = None) -> tuple[torch.Tensor, dict]:
         """One step of the algorithm: learning rate, optimiser step, EMA, the stage's after_step (target update);
-        returns this rank's summed loss (on the device) and the step's logs."""
+        returns this rank's summed loss (on the device) and the step's logs. When fp16 gradients overflow, nothing
+        advances (no optimiser step, EMA, target update or step count, as the official fp16 loop) and the loss is
+        None; the step is retried on the next batch at the lowered loss scale."""
         if lr_at is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step)
-        loss_sum, logs = self._step(loss_fn)
+        loss_sum, logs, stepped = self._step(loss_fn)
+        if not stepped:
+            self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(f"{self.stage}: fp16 gradients overflowed in {self.skipped_in_a_row} steps "
+                                         f"in a row at step {self.step} (loss scale now {self.scaler.get_scale():g})")
+            return None, logs
+        self.skipped_in_a_row = 0
         ema_update(self.ema, self.model, ema_rate(self.step))
         logs.update(after_step(self.step) if after_step else {})
         self.step += 1
@@ -289,13 +303,14 @@ class Training:
             try:
                 while self.step < total:
                     loss_sum, logs = self.train_step(loss_fn, ema_rate, after_step, lr_at)
-                    window_loss += loss_sum
-                    bar.update(1)
-                    if self.step % section.log_every == 0 or self.step == total:
-                        window_loss = self._log(window_loss, window_first, window_start, logs, bar)
-                        window_start, window_first = time.perf_counter(), self.step
-                    if self.step % section.checkpoint_every == 0 and self.step < total:
-                        self.save(self.resume_path)
+                    if loss_sum is not None:  # None: an fp16 overflow; nothing advanced
+                        window_loss += loss_sum
+                        bar.update(1)
+                        if self.step % section.log_every == 0 or self.step == total:
+                            window_loss = self._log(window_loss, window_first, window_start, logs, bar)
+                            window_start, window_first = time.perf_counter(), self.step
+                        if self.step % section.checkpoint_every == 0 and self.step < total:
+                            self.save(self.resume_path)
                     if not received and time.time() >= warn_at:
                         received.append(signal.SIGURG)
                     signum = distributed.max_over_ranks(self.ctx, received[0] if received else 0)
@@ -330,6 +345,8 @@ class Training:
         if self.ctx.main:
             logs.update(loss=loss, img_per_s=steps * self.section.batch / max(elapsed, 1e-9),
                         lr=self.optimizer.param_groups[0]["lr"])
+            if self.scaler.is_enabled():
+                logs.update(loss_scale=self.scaler.get_scale(), fp16_skipped_steps=self.skipped)
             tracking.log_metrics(logs, step=self.step)
             self.history.append((self.step, loss))
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{logs['img_per_s']:.0f}")
