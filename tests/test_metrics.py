@@ -1,4 +1,5 @@
-"""Tests of pipeline.metrics against independent answers (closed forms, brute force, scipy)."""
+"""Tests of pipeline.metrics against independent answers (closed forms, brute force, scipy), against
+clean-fid's own functions, and against the values of our former FID/KID code."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import os
 import time
 import urllib.request
 
+import cleanfid.fid
 import numpy as np
 import pytest
 import scipy.linalg
 import scipy.spatial.distance
 import torch
+from cleanfid.resize import build_resizer
 
 from pipeline import metrics
 from pipeline.metrics import (
@@ -23,6 +26,7 @@ from pipeline.metrics import (
     kernel_inception_distance,
     load_reference_stats,
     precision_recall,
+    resize_for_inception,
     save_reference_stats,
 )
 
@@ -70,12 +74,24 @@ def test_fid_matches_scipy_sqrtm_on_well_conditioned_features():
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
 
 
-def test_fid_of_diagonal_gaussians_has_closed_form():
+@pytest.mark.parametrize("rotated", [False, True])
+def test_fid_of_gaussians_with_commuting_covariances_has_closed_form(rotated):
+    # s1 = Q diag(a) Q^T, s2 = Q diag(b) Q^T: sqrtm(s1 s2) = Q diag(sqrt(a b)) Q^T, so
+    # FID = ||mu1 - mu2||^2 + sum (a + b - 2 sqrt(a b)) = ||mu1 - mu2||^2 + sum (sqrt a - sqrt b)^2.
     rng = np.random.default_rng(4)
     a, b = rng.uniform(0.1, 3, 10), rng.uniform(0.1, 3, 10)
     mu1, mu2 = rng.standard_normal(10), rng.standard_normal(10)
-    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    q = np.linalg.qr(rng.standard_normal((10, 10)))[0] if rotated else np.eye(10)
+    sigma1, sigma2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    expected = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")   # clean-fid's sqrtm call
+def test_statistics_and_fid_are_clean_fids():
+    x, y = correlated_features(300, 16, seed=24), correlated_features(200, 16, seed=25, shift=0.2)
+    ours = frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    assert ours == cleanfid.fid.fid_from_feats(x, y)   # clean-fid's own statistics and distance
 
 
 def fid_with_eigenvalues_of_product(mu1, sigma1, mu2, sigma2) -> float:
@@ -136,6 +152,22 @@ def test_kid_matches_brute_force_on_whole_sets():
     assert kid == pytest.approx(kid_brute_force(x, y), rel=1e-10)
 
 
+def test_kid_of_tiny_sets_by_hand():
+    # d = 1, k(a, b) = (a b + 1)^3; x = {0, 1}, y = {1, 2}, m = 2:
+    # xx: 2 k(0, 1) / 2 = 1; yy: 2 k(1, 2) / 2 = 27; xy: (k(0,1) + k(0,2) + k(1,1) + k(1,2)) / 4 = (1+1+8+27) / 4.
+    x, y = np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])
+    assert kernel_inception_distance(x, y, num_subsets=3, max_subset_size=2) == pytest.approx(1 + 27 - 2 * 37 / 4)
+
+
+def test_kid_is_clean_fids_kernel_distance_with_a_seeded_global_rng():
+    x, y = correlated_features(200, 8, seed=11), correlated_features(150, 8, seed=12, shift=0.3)
+    np.random.seed(3)
+    expected = cleanfid.fid.kernel_distance(x, y, num_subsets=7, max_subset_size=50)
+    assert kernel_inception_distance(x, y, 7, 50, seed=3) == expected
+    np.random.seed(0)
+    assert kernel_inception_distance(x, y) == cleanfid.fid.kernel_distance(x, y)   # same defaults
+
+
 def test_kid_of_a_set_with_itself_is_near_zero_and_positive_when_shifted():
     x = correlated_features(300, 16, seed=10)
     same = kernel_inception_distance(x, x, num_subsets=20, max_subset_size=100)
@@ -144,9 +176,45 @@ def test_kid_of_a_set_with_itself_is_near_zero_and_positive_when_shifted():
     assert abs(same) < 1e-2 * shifted
 
 
-def test_kid_is_reproducible_with_a_seed():
+def test_kid_is_reproducible_with_a_seed_and_leaves_the_global_rng_alone():
     x, y = correlated_features(200, 8, seed=11), correlated_features(200, 8, seed=12)
-    assert kernel_inception_distance(x, y, 5, 50, seed=3) == kernel_inception_distance(x, y, 5, 50, seed=3)
+    np.random.seed(5)
+    untouched = np.random.random(3)
+    np.random.seed(5)
+    first = kernel_inception_distance(x, y, 5, 50, seed=3)
+    np.testing.assert_array_equal(np.random.random(3), untouched)   # the caller's stream goes on as before
+    assert kernel_inception_distance(x, y, 5, 50, seed=3) == first
+    assert kernel_inception_distance(x, y, 5, 50, seed=4) != first   # subsets of 50 of 200: the seed matters
+
+
+def test_kid_needs_two_samples():
+    with pytest.raises(ValueError):
+        kernel_inception_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+
+
+# ----------------------------------------------------------------------------
+# The values of our own FID / KID code before they were replaced by clean-fid's functions.
+
+def two_feature_sets(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """500 x dim float64 features each, different means and covariances."""
+    def fixed(seed, shift=0.0, scale=1.0):
+        mixing = np.random.default_rng(1234 + seed).standard_normal((dim, dim)) / np.sqrt(dim)
+        return (np.random.default_rng(seed).standard_normal((500, dim)) @ mixing) * scale + shift
+
+    return fixed(0), fixed(1, shift=0.05, scale=1.2)
+
+
+# Computed with pipeline/metrics.py at 1bf87ee: eigen-factor Frechet distance, and KID on full-size subsets (every
+# subset of min(500, 500, 1000) = 500 is a permutation, so the value does not depend on the random subsets).
+FORMER_VALUES = {64: (42.79490413426541, 0.15187201207119552), 2048: (3094.177469072908, 0.012080212053435346)}
+
+
+@pytest.mark.parametrize("dim", [64, pytest.param(2048, marks=pytest.mark.slow)])   # 2048: ~1 min on 2 cores
+def test_fid_and_kid_through_clean_fid_keep_their_former_values(dim):
+    a, b = two_feature_sets(dim)
+    fid, kid = FORMER_VALUES[dim]
+    assert frechet_distance(*feature_statistics(a), *feature_statistics(b)) == pytest.approx(fid, rel=1e-6)
+    assert kernel_inception_distance(a, b, num_subsets=10) == pytest.approx(kid, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -382,13 +450,43 @@ def test_fid_on_real_inception_features():
     assert np.isfinite(between) and between > 0
 
 
-@pytest.mark.parametrize("resolution", [8, 32, 64, 256])
-def test_clean_resize_on_the_device_is_pils(resolution):
-    """The matrix form of clean-fid's resize (which runs on the GPU) against PIL itself, image by image."""
-    from pipeline.metrics import _resize_clean, clean_resize
-
-    images = np.random.default_rng(resolution).integers(0, 256, (2, resolution, resolution, 3), dtype=np.uint8)
-    expected = np.stack([_resize_clean(image) for image in images])
-    ours = clean_resize(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    assert ours.dtype == np.float32 and ours.shape == expected.shape
+@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+@pytest.mark.parametrize("height, width", [(8, 8), (32, 32), (64, 64), (256, 256), (299, 299), (24, 40)])
+def test_resize_on_the_device_is_clean_fids_resizer(mode, height, width):
+    """Our batched resize (matrix products for 'clean', which run on the GPU) against clean-fid's own per-image
+    resizer (PIL bicubic in float32 for 'clean', torch bilinear for 'legacy_pytorch'), image by image."""
+    images = np.random.default_rng(height * width).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+    resizer = build_resizer(mode)
+    expected = np.stack([resizer(image) for image in images])
+    ours = resize_for_inception(torch.from_numpy(images).permute(0, 3, 1, 2), mode).permute(0, 2, 3, 1).numpy()
+    assert ours.dtype == np.float32 and ours.shape == expected.shape == (2, 299, 299, 3)
     assert np.abs(ours - expected).max() <= 1e-6 * 255
+
+
+def test_legacy_tensorflow_leaves_the_resize_to_the_network_as_clean_fid():
+    images = np.random.default_rng(26).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    np.testing.assert_array_equal(resize_for_inception(x, "legacy_tensorflow").numpy(),
+                                  np.stack([build_resizer("legacy_tensorflow")(image) for image in images])
+                                  .transpose(0, 3, 1, 2))
+
+
+def test_low_rank_statistics_go_to_clean_fid_in_the_basis_of_their_span():
+    """Fewer samples than dimensions: clean-fid sees the statistics rotated onto their joint span (fast); the
+    value is clean-fid's on the full matrices, and a mean difference outside the span still counts."""
+    import cleanfid.fid
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(20, 300)), rng.normal(size=(15, 300)) * 1.5 + 0.2
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    basis = metrics._joint_span(stats[0][1], stats[1][1])
+    assert basis.shape == (300, 33)  # ranks 19 + 14
+    fid = metrics.frechet_distance(*stats[0], *stats[1])
+    assert fid == pytest.approx(float(cleanfid.fid.frechet_distance(*stats[0], *stats[1])), rel=1e-6)
+    outside = np.linalg.qr(np.hstack([basis, rng.normal(size=(300, 1))]))[0][:, -1]  # orthogonal to the span
+    shifted = metrics.frechet_distance(stats[0][0] + 3 * outside, stats[0][1], *stats[1])
+    assert shifted == pytest.approx(float(cleanfid.fid.frechet_distance(stats[0][0] + 3 * outside, stats[0][1],
+                                                                        *stats[1])), rel=1e-6)
+    assert shifted - fid == pytest.approx(9 + 6 * outside @ (stats[0][0] - stats[1][0]), rel=1e-6)
+    full = rng.normal(size=(400, 300))  # full rank: no basis, clean-fid as it is
+    assert metrics._joint_span(np.cov(full, rowvar=False), np.cov(full, rowvar=False)) is None

@@ -251,7 +251,8 @@ def test_lsun_reader_uses_the_chosen_resize(tmp_path):
             Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(tmp_path / split / f"{i}.png")
     spec = datasets.DATASETS["lsun_bedroom"]
     for resize, function in datasets.RESIZES.items():
-        images = np.concatenate([c[0] for c in datasets.raw_splits(spec, tmp_path, lsun_resize=resize)["train"].chunks()])
+        train = datasets.raw_splits(spec, tmp_path, lsun_resize=resize)["train"]
+        images = np.concatenate([chunk[0] for chunk in train.chunks()])
         expected = [function(Image.open(tmp_path / "train" / f"{i}.png"), spec.resolution) for i in range(3)]
         assert np.array_equal(images, np.stack(expected)), resize
 
@@ -308,7 +309,8 @@ def test_an_fp16_overflow_advances_nothing(synthetic):
     overflow["now"] = True
     before, step_count = snapshot(), training.step
     assert any(not torch.equal(before["model"][k], before["ema"][k]) for k in before["model"])
-    optimizer_state = {k: {"exp_avg": v["exp_avg"].clone()} for k, v in training.optimizer.state_dict()["state"].items()}
+    optimizer_state = {k: {"exp_avg": v["exp_avg"].clone()}
+                       for k, v in training.optimizer.state_dict()["state"].items()}
     loss, _ = step(loss_fn=exploding)
     assert loss is None and training.step == step_count and training.skipped == 1
     after = snapshot()
