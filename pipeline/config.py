@@ -25,6 +25,7 @@ from pipeline.datasets import DATASETS, DatasetSpec
 
 ENV_SOURCE = "CIFAR10_SOURCE"  # overrides data.source for CIFAR-10, so a local copy needs no edit of params.yaml
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+OPENAI_RELEASE_URL = "https://openaipublic.blob.core.windows.net/consistency/"  # pipeline.import_openai's files
 
 
 class ConfigError(ValueError):
@@ -732,7 +733,7 @@ def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, ove
 
 def check_data_source(cfg: Config) -> None:
     """Local inputs must exist, checked before any job starts: the data source (a download is checked when it
-    runs) and an EDM pickle to import. The message says what to download and where to put it."""
+    runs) and an EDM pickle or OpenAI checkpoint to import. The message says what to download and where to put it."""
     source, spec = cfg.data.source, cfg.data.spec
     if source == "torchvision" and spec.name != "cifar10":
         raise ConfigError(f"data.source: 'torchvision' downloads only CIFAR-10; for {spec.name}, {spec.download}")
@@ -741,6 +742,13 @@ def check_data_source(cfg: Config) -> None:
     if cfg.teacher.source == "import" and not Path(cfg.teacher.edm_pickle).expanduser().is_file():
         raise ConfigError(f"teacher.edm_pickle: {cfg.teacher.edm_pickle} does not exist; download "
                           f"edm-cifar10-32x32-uncond-ve.pkl (NCSN++) or -vp.pkl (DDPM++) from {EDM_RELEASE_URL}")
+    for kind in ("teacher", "cd", "ct"):
+        section = getattr(cfg, kind)
+        if section.source == "openai" and not Path(section.openai_checkpoint).expanduser().is_file():
+            name = Path(section.openai_checkpoint).name
+            raise ConfigError(f"{kind}.openai_checkpoint: {section.openai_checkpoint} does not exist; download "
+                              f"{OPENAI_RELEASE_URL}{name} and save it there (the published files: "
+                              "https://github.com/openai/consistency_models#pre-trained-models)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,8 @@
 
 Denoiser (EDM):          D(x, sigma) = c_skip x + c_out F(c_in x, c_noise(sigma))   (EDM eq. 7)
 ConsistencyModel (CM):   f(x, sigma) = c_skip x + c_out F(c_in x, c_noise(sigma))   (paper eq. 3, App. C)
-Both use EDM's c_noise = ln(sigma) / 4, so a student can start from its teacher's weights.
+Both use EDM's c_noise = ln(sigma) / 4 (so a student can start from its teacher's weights), or with network
+c_noise "adm" that of OpenAI's PyTorch code, 1000 ln(sigma) / 4, which its published ADM checkpoints were trained with.
 """
 
 from __future__ import annotations
@@ -29,15 +30,27 @@ IMG_RESOLUTION, CHANNELS = 32, 3  # CIFAR-10, and checkpoints written before the
 
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     """EDM's noise conditioning of F: ln(sigma) / 4."""
-    return sigma.log() / 4
+    return sigma.log() / 4  # EDM Table 1, c_noise
+
+
+def c_noise_adm(sigma: torch.Tensor) -> torch.Tensor:
+    """The noise conditioning of F in openai/consistency_models (PyTorch): 1000 ln(sigma) / 4."""
+    return 1000 * sigma.log() / 4  # cm/karras_diffusion.py KarrasDenoiser.denoise, rescaled_t = 1000 * 0.25 * ln(sigma)
+
+
+# network["c_noise"] -> the function; absent means "edm" (checkpoints written before the key existed).
+C_NOISE = {"edm": c_noise, "adm": c_noise_adm}
 
 
 class Preconditioned(nn.Module):
     """x -> c_skip x + c_out F(c_in x, c_noise(sigma)); subclasses choose the scalings."""
 
-    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float):
+    def __init__(self, net: nn.Module, sigma_data: float, sigma_min: float, c_noise: str = "edm"):
         super().__init__()
+        if c_noise not in C_NOISE:
+            raise ValueError(f"unknown c_noise {c_noise!r}; expected one of {sorted(C_NOISE)}")
         self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
+        self.c_noise = c_noise
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -52,7 +65,7 @@ class Preconditioned(nn.Module):
         if class_labels is not None and class_labels.ndim == 1:
             class_labels = nn.functional.one_hot(class_labels.long(), self.label_dim).to(x.dtype)
         c_skip, c_out, c_in = self.scalings(sigma)
-        return c_skip * x + c_out * self.net(c_in * x, c_noise(sigma).flatten(), class_labels)
+        return c_skip * x + c_out * self.net(c_in * x, C_NOISE[self.c_noise](sigma).flatten(), class_labels)
 
 
 class Denoiser(Preconditioned):
@@ -79,7 +92,7 @@ def build_model(kind: str, network: dict, diffusion: dict, dropout: float, resol
         num_blocks=network["num_blocks"], attn_resolutions=tuple(network["attn_resolutions"]),
         dropout=dropout, **options,
     )
-    return MODEL_CLASS[kind](net, diffusion["sigma_data"], diffusion["sigma_min"])
+    return MODEL_CLASS[kind](net, diffusion["sigma_data"], diffusion["sigma_min"], network.get("c_noise", "edm"))
 
 
 def model_for(kind: str, cfg: Any, dropout: float) -> Preconditioned:
@@ -176,6 +189,8 @@ def check_compatible(ckpt: dict, cfg: Any, path: str | os.PathLike) -> None:
     have, wanted = ckpt.get("network", {}), cfg.raw["network"]
     differences += [f"network.{k} {have.get(k)} (config: {wanted.get(k)})" for k in SHAPE_KEYS
                     if json.dumps(have.get(k) or None) != json.dumps(wanted.get(k) or None)]
+    if have.get("c_noise", "edm") != wanted.get("c_noise", "edm"):  # same weights, another noise input: garbage
+        differences.append(f"network.c_noise {have.get('c_noise', 'edm')} (config: {wanted.get('c_noise', 'edm')})")
     if differences:
         trained = (ckpt.get("config") or {}).get("preset")
         made_for = f"preset {trained}" if trained else "another network"

@@ -122,9 +122,11 @@ class Conv2d(nn.Module):
         return x
 
 
-def group_norm(channels: int, eps: float) -> nn.GroupNorm:
-    # Up to 32 groups, but never fewer than 4 channels per group (matters only for narrow test/demo nets).
-    return nn.GroupNorm(num_groups=max(1, min(32, channels // 4)), num_channels=channels, eps=eps)
+def group_norm(channels: int, eps: float, groups: int | None = None) -> nn.GroupNorm:
+    # Default: up to 32 groups, but never fewer than 4 channels per group (matters only for narrow test/demo nets).
+    # groups fixes the count instead (OpenAI's GroupNorm32 always has 32; the same for >= 128 channels).
+    num_groups = max(1, min(32, channels // 4)) if groups is None else groups
+    return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=eps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,12 +168,12 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention over pixels, as a residual branch (x + proj(attn(norm(x)))) * skip_scale."""
 
     def __init__(self, channels: int, num_heads: int, eps: float, skip_scale: float,
-                 init_qkv: dict, init_zero: dict):
+                 init_qkv: dict, init_zero: dict, norm_groups: int | None = None):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention channels {channels} not divisible by num_heads {num_heads}")
         self.num_heads, self.skip_scale = num_heads, skip_scale
-        self.norm = group_norm(channels, eps)
+        self.norm = group_norm(channels, eps, norm_groups)
         self.qkv = Conv2d(channels, channels * 3, kernel=1, **init_qkv)
         self.proj = Conv2d(channels, channels, kernel=1, **init_zero)
 
@@ -197,17 +199,17 @@ class ResidualBlock(nn.Module):
                  down: bool = False, attention: bool = False, num_heads: int = 1, dropout: float = 0.0,
                  skip_scale: float = 1.0, eps: float = 1e-5, resample_filter: Sequence[int] = (1, 1),
                  resample_proj: bool = False, adaptive_scale: bool = True, init: dict | None = None,
-                 init_zero: dict | None = None, init_attn: dict | None = None):
+                 init_zero: dict | None = None, init_attn: dict | None = None, norm_groups: int | None = None):
         super().__init__()
         init = init or {}
         init_zero = init_zero if init_zero is not None else dict(init, init_weight=0)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.skip_scale, self.adaptive_scale = skip_scale, adaptive_scale
-        self.norm0 = group_norm(in_channels, eps)
+        self.norm0 = group_norm(in_channels, eps, norm_groups)
         self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down,
                             resample_filter=resample_filter, **init)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
-        self.norm1 = group_norm(out_channels, eps)
+        self.norm1 = group_norm(out_channels, eps, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
         self.skip = None
@@ -219,7 +221,7 @@ class ResidualBlock(nn.Module):
         self.attn = None
         if attention:
             init_qkv = init_attn if init_attn is not None else init
-            self.attn = SelfAttention(out_channels, num_heads, eps, skip_scale, init_qkv, init_zero)
+            self.attn = SelfAttention(out_channels, num_heads, eps, skip_scale, init_qkv, init_zero, norm_groups)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(F.silu(self.norm0(x)))
@@ -419,13 +421,16 @@ class ADMUNet(nn.Module):
     scale_shift_norm=True conditions blocks by scale-shift after GroupNorm (ADM's use_scale_shift_norm);
     False adds a bias before it. The paper uses True for ImageNet 64 (the defaults here, ~296M params)
     and False for LSUN 256 (256 channels, mult (1, 1, 2, 2, 4, 4), 2 blocks: ~526M; with True it is ~553M).
+    norm_groups fixes the GroupNorm group count (None: up to 32, >= 4 channels each); OpenAI's UNetModel always
+    uses 32, which only differs for nets narrower than 128 channels (pipeline.import_openai).
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
                  channel_mult_emb: int = 4, num_blocks: int = 3,
                  attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
-                 label_dropout: float = 0.0, attn_head_channels: int = 64, scale_shift_norm: bool = True):
+                 label_dropout: float = 0.0, attn_head_channels: int = 64, scale_shift_norm: bool = True,
+                 norm_groups: int | None = None):
         _check_resolution(img_resolution, len(channel_mult))
         super().__init__()
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
@@ -442,7 +447,7 @@ class ADMUNet(nn.Module):
             return ResidualBlock(cin, cout, emb_channels=emb_channels, attention=attention, num_heads=heads,
                                  dropout=dropout, skip_scale=1.0, eps=1e-5, resample_filter=(1, 1),
                                  resample_proj=False, adaptive_scale=scale_shift_norm, init=init,
-                                 init_zero=init_zero, **kwargs)
+                                 init_zero=init_zero, norm_groups=norm_groups, **kwargs)
 
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
@@ -480,7 +485,7 @@ class ADMUNet(nn.Module):
                 cin, cout = cout + skip_channels.pop(), model_channels * mult
                 blocks.append(block(cin, cout, attention=res in attn_resolutions))
             self.dec_blocks.append(blocks)
-        self.out_norm = group_norm(cout, eps=1e-5)
+        self.out_norm = group_norm(cout, eps=1e-5, groups=norm_groups)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,

@@ -146,8 +146,19 @@ def slurm_resources(cfg: Config, stage: Stage) -> dict:
     return out
 
 
+def openai_stage(cfg: Config, model: str) -> Stage:
+    """Import one of OpenAI's published checkpoints (<model>.openai_checkpoint) in place of training the model."""
+    source = getattr(cfg, model).openai_checkpoint
+    return Stage(f"import_{model}", f"python -m pipeline.import_openai --model {model}",
+                 [source, "pipeline/import_openai.py"] + CORE, [checkpoint(cfg, model)],
+                 [f"{model}.source", f"{model}.openai_checkpoint", "network", "diffusion", "data.dataset"],
+                 "prepare_data")
+
+
 def teacher_stage(cfg: Config) -> Stage:
-    """Train the EDM teacher, or import NVlabs' published one (teacher.source)."""
+    """Train the EDM teacher, or import NVlabs' (teacher.source: import) or OpenAI's (openai) published one."""
+    if cfg.teacher.source == "openai":
+        return openai_stage(cfg, "teacher")
     if cfg.teacher.source == "import":
         return Stage("import_teacher",
                      f"python -m pipeline.import_edm {cfg.teacher.edm_pickle} --arch {cfg.network.arch} "
@@ -177,10 +188,12 @@ def stages(cfg: Config) -> list[Stage]:
               data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"],
               "evaluate"),
         teacher_stage(cfg),
+        openai_stage(cfg, "cd") if cfg.cd.source == "openai" else
         Stage("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
               train + teacher + ["pipeline/distill_cd.py", "pipeline/lpips.py"] + TRAIN_CODE,
               [checkpoint(cfg, "cd"), loss_figure(cfg, "cd")], train_params + ["cd", "lpips"], "distill_cd",
               training=True),
+        openai_stage(cfg, "ct") if cfg.ct.source == "openai" else
         Stage("train_ct", launched("train_ct", "pipeline.train_ct"),
               train + (teacher if cfg.ct.init_from_teacher else []) + ["pipeline/train_ct.py", "pipeline/lpips.py"]
               + TRAIN_CODE,
