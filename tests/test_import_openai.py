@@ -265,6 +265,7 @@ ADM_SETS = ["network.arch=adm", "network.model_channels=64", "network.channel_mu
             "network.c_noise=adm", "cd.openai_checkpoint=weights/cd_custom.pt"]
 
 
+@pytest.mark.slow
 def test_cd_source_openai_imports_the_file_in_place_of_distillation(tmp_path, monkeypatch):
     import subprocess
     import sys
