@@ -77,6 +77,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def has_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic runs in hardware: always on CUDA; on a CPU only with AVX512-BF16 or AMX (oneDNN),
+    without which PyTorch emulates it, tens of times slower than fp32."""
+    return device.type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def default_variants(device: torch.device) -> list[str]:
+    """DEFAULT_VARIANTS less what the device cannot run fast: tf32 off CUDA, bf16 on a CPU without bf16 hardware."""
+    parts_ok = {"tf32": device.type == "cuda", "bf16": has_bf16(device)}
+    return [v for v in DEFAULT_VARIANTS if all(parts_ok.get(part, True) for part in v.split("+"))]
+
+
 def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int, calls: int) -> float:
     """Wall seconds per call after `warmup` calls (which include any compilation), the device drained."""
     for _ in range(warmup):
@@ -224,7 +236,7 @@ def fid_path(cfg: Config, device: torch.device, samples: int) -> tuple[Row, Row]
     x, _ = generate(model, "cd", [d.sigma_max], samples, cfg.sample.batch, 0, device, d.sigma_min, progress=False)
     inception(x, progress=False)
     seconds = time.perf_counter() - start
-    variant = "compile" if cfg.run.compile else "eager"
+    variant = "+".join(["compile"] * cfg.run.compile + ["tf32"] * (cfg.run.tf32 and device.type == "cuda")) or "eager"
     return features, Row(f"{samples} samples + features", variant, samples / seconds,
                          note=f"{seconds:.2f} s in all, sample.batch {cfg.sample.batch}")
 
@@ -271,7 +283,7 @@ def run(args: argparse.Namespace) -> Path:
     cuda = device.type == "cuda"
     batch = args.batch or (512 if cuda else 32)
     calls, warmup = args.steps or (20 if cuda else 3), args.warmup or (5 if cuda else 1)
-    variants = args.variants.split(",") if args.variants else [v for v in DEFAULT_VARIANTS if cuda or "tf32" not in v]
+    variants = args.variants.split(",") if args.variants else default_variants(device)
     variants = ["eager"] + [v for v in variants if v != "eager"]  # the baseline of every ratio
     for variant in variants:
         try:
@@ -305,8 +317,9 @@ def run(args: argparse.Namespace) -> Path:
                 measure(rows, workload, sampling_variants,
                         lambda v, w=workload: sampling_call(config_for(v), w, batch, device),
                         batch, device, warmup, calls)
-        if chosen.search("Inception features"):
-            cfg = config_for("compile+tf32" if cuda else "compile")
+        if chosen.search("Inception features"):  # as the sample and evaluate stages run: compiled if asked for
+            compiled = any("compile" in v.split("+") for v in variants)
+            cfg = config_for("+".join(["compile"] * compiled + ["tf32"] * cuda) or "eager")
             setup_torch(cfg)
             rows.extend(fid_path(cfg, device, samples))
     name = device_name(device)
@@ -320,6 +333,8 @@ def run(args: argparse.Namespace) -> Path:
         "batch": f"{batch} images per training or sampling call; {calls} timed calls after {warmup} warm-up",
         "command": "python -m pipeline.bench " + " ".join(sys.argv[1:]),
     }
+    if not has_bf16(device):
+        header["bf16"] = "emulated on this CPU (no AVX512-BF16 or AMX): its matmul peak is no roofline"
     text = report(rows, peaks, header)
     print(text)
     out = Path(args.out) / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.md"
@@ -334,7 +349,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="images per training step or sampling call (512 CUDA, 32 CPU)")
     parser.add_argument("--steps", type=int, help="timed calls per row (20 CUDA, 3 CPU)")
     parser.add_argument("--warmup", type=int, help="untimed calls first, compilation included (5 CUDA, 1 CPU)")
-    parser.add_argument("--variants", help=f"comma-separated (default: {','.join(DEFAULT_VARIANTS)}; no tf32 on CPU)")
+    parser.add_argument("--variants", help=f"comma-separated (default: {','.join(DEFAULT_VARIANTS)}; no tf32 on a CPU, "
+                        "no bf16 on one without bf16 hardware)")
     parser.add_argument("--workloads", help="a regular expression of the workloads to run (default: all)")
     parser.add_argument("--fid-samples", type=int, help="images of the end-to-end FID row (50000 CUDA, 256 CPU)")
     parser.add_argument("--out", default="results/bench", help="folder of the <device>.md report")

@@ -101,6 +101,15 @@ def largest_difference(first: dict, second: dict, keys=("model", "ema")) -> floa
     return max(relative_difference(a, b) for a, b in pairs)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks: one thread is fastest, and it keeps the timing steady on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def micro_reference(tmp_path_factory) -> dict:
     """The micro DAG's three training checkpoints (float64), one process each: what other layouts must reproduce."""

@@ -39,6 +39,8 @@ from pipeline.import_edm import (
 )
 from pipeline.networks import build_network
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MICRO = {"model_channels": 16, "channel_mult": (1, 2, 2), "num_blocks": 1, "attn_resolutions": (16,)}
 CIFAR = {"model_channels": 128, "channel_mult": (2, 2, 2), "num_blocks": 4, "attn_resolutions": (16,)}
 FAMILY = {  # EDM train.py's --arch settings
@@ -347,15 +349,6 @@ def edm_pickle(path: Path, flat: dict, spec: EDMSpec, precond: str = "EDMPrecond
 
 # ---------------------------------------------------------------------------------------------------
 # Fixtures: a randomised micro network of ours and its EDM-named tensors.
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Micro networks: one thread is fastest, and it keeps the timing steady on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro_net(arch: str, **overrides) -> torch.nn.Module:

@@ -34,18 +34,11 @@ from pipeline.import_openai import (
     write_checkpoint,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURE = Path(__file__).parent / "fixtures" / "openai_unet_golden.pt"
 TOLERANCE = 1e-5  # largest |ours - official| / largest |official|, per sigma
 OUTPUT = {"teacher": "D", "cd": "f", "ct": "f"}  # official denoise with distillation False / True
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks: one thread is fastest, and it keeps the timing steady on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

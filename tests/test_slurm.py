@@ -267,14 +267,15 @@ def _release_requeued(stop: threading.Event, seen: list[str]) -> None:
         stop.wait(2)
 
 
-# Loaded through PYTHONPATH into the SLURM job's processes: every training step also sleeps, so the training lasts
-# longer than one leg on any machine (a fast one finished 300 plain steps in one leg). Numbers are untouched.
+# Loaded through PYTHONPATH into the SLURM job's processes: until a leg has written its resume file, every training
+# step also sleeps, so the first leg cannot finish on any machine (a fast one trained 300 plain steps in one leg),
+# and the legs after it run at full speed. Numbers are untouched.
 SLOW_STEPS = """
-import importlib.abc, importlib.machinery, sys, time
+import importlib.abc, importlib.machinery, os, sys, time
 
 class SlowSteps(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "pipeline.training":
+        if name != "pipeline.training" or os.path.exists(RESUME_FILE):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         execute = spec.loader.exec_module
@@ -296,13 +297,14 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
     import torch
     from conftest import largest_difference, run, set_training_resources, workspace
 
-    # Each leg has at most 30 s between its start and its warning (sbatch -t 1, warn_seconds 30); the steps sleep
-    # 40 s in all, so at least two legs on any machine (about 10 s of computing on one core here).
-    iterations, step_sleep = 100, 0.4
+    # Each leg has at most 60 s between its start and its warning (sbatch -t 2, warn_seconds 60); the first leg's
+    # steps sleep 70 s in all, so at least two legs on any machine. The second leg runs at full speed (about 10 s
+    # of computing on one core here, after some 20 s of starting up), so a busy machine needs no more legs.
+    iterations, step_sleep = 100, 0.7
     edits = {"teacher: {iterations: 4, batch: 4,": f"teacher: {{iterations: {iterations}, batch: 4,",
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 2, log_every: 1}":
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 100000, log_every: 50}",
-             "  warn_seconds: 300 ": "  warn_seconds: 30 "}
+             "  warn_seconds: 300 ": "  warn_seconds: 60 "}
     workspaces = []
     for name in ("cluster", "reference"):
         (tmp_path / name).mkdir()
@@ -314,9 +316,11 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
         (ws / "params.yaml").write_text(text)
         workspaces.append((ws, env))
     (ws, env), (ref_ws, ref_env) = workspaces
-    set_training_resources(ws, runtime=1, mem_mb=2000)  # sbatch -t 1 and --signal=URG@30
+    set_training_resources(ws, runtime=2, mem_mb=2000)  # sbatch -t 2 and --signal=URG@60
     (ws / "patch").mkdir()
-    (ws / "patch" / "sitecustomize.py").write_text(SLOW_STEPS.replace("STEP_SLEEP", str(step_sleep)))
+    resume_file = repr(str(ws / "checkpoints/cifar10/teacher.resume.pt"))
+    (ws / "patch" / "sitecustomize.py").write_text(
+        SLOW_STEPS.replace("STEP_SLEEP", str(step_sleep)).replace("RESUME_FILE", resume_file))
     env = {**env, "PYTHONPATH": f"{ws / 'patch'}{os.pathsep}{env['PYTHONPATH']}"}
     run([sys.executable, "-m", "pipeline.prepare_data"], ref_ws, ref_env)
     reference = subprocess.Popen([sys.executable, "-m", "pipeline.train_teacher", "--set", "run.threads=1"],
