@@ -1,6 +1,7 @@
 # The pipeline's DAG for Snakemake. The rules are built from pipeline/stages.py, the same definitions
 # that generate dvc.yaml, and run the same CLIs a user runs. params.yaml is validated (and the LPIPS
-# weights checked when a metric needs them) before any job starts.
+# weights checked when a metric needs them) before any job starts. It imports no torch: every job step of a
+# cluster run parses it again.
 #
 #   snakemake --cores 2                                  # local, the preset params.yaml selects
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
@@ -10,15 +11,14 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from pipeline import tracking
-from pipeline.config import ConfigError, check_data_source, load
-from pipeline.lpips import LpipsWeightsMissing, preflight
+from pipeline.config import ConfigError, LpipsWeightsMissing, check_data_source, check_lpips_weights, load
 from pipeline.stages import check_writable, slurm_resources, stages, targets
 
 try:
     CFG = load("params.yaml")
     check_data_source(CFG)
     check_writable(CFG)
-    preflight(CFG)
+    check_lpips_weights(CFG)
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None
 

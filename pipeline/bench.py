@@ -37,9 +37,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline import cm, distill_cd, distributed, train_ct, train_teacher
-from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, load
+from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, load, missing_lpips_weights
 from pipeline.data import save_split, write_text
-from pipeline.lpips import LPIPS, missing_weights
+from pipeline.lpips import LPIPS
 from pipeline.metrics import InceptionFeatures
 from pipeline.models import atomic_save, build_model, compile_module, load_model
 from pipeline.sample import generate
@@ -153,7 +153,7 @@ def write_synthetic_workspace(cfg: Config, images: int, seed: int = 0) -> None:
 def lpips_sets(cfg: Config) -> tuple[list[str], str]:
     """--set overrides that give LPIPS its weights from here on (absolute paths, or random files written in the
     current folder when the real ones are missing), and a note for the report."""
-    if not missing_weights(cfg.lpips):
+    if not missing_lpips_weights(cfg.lpips):
         return [f"lpips.vgg16_weights={Path(cfg.lpips.vgg16_weights).resolve()}",
                 f"lpips.linear_weights={Path(cfg.lpips.linear_weights).resolve()}"], ""
     lpips = LPIPS()

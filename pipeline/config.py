@@ -25,6 +25,7 @@ from pipeline.datasets import DATASETS, DatasetSpec
 
 ENV_SOURCE = "CIFAR10_SOURCE"  # overrides data.source for CIFAR-10, so a local copy needs no edit of params.yaml
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # LPIPS' backbone (torchvision)
 OPENAI_RELEASE_URL = "https://openaipublic.blob.core.windows.net/consistency/"  # pipeline.import_openai's files
 
 
@@ -749,6 +750,50 @@ def check_data_source(cfg: Config) -> None:
             raise ConfigError(f"{kind}.openai_checkpoint: {section.openai_checkpoint} does not exist; download "
                               f"{OPENAI_RELEASE_URL}{name} and save it there (the published files: "
                               "https://github.com/openai/consistency_models#pre-trained-models)")
+
+
+class LpipsWeightsMissing(FileNotFoundError):
+    pass
+
+
+def missing_lpips_weights(paths: Lpips) -> list[str]:
+    return [p for p in (paths.vgg16_weights, paths.linear_weights) if not Path(p).is_file()]
+
+
+def require_lpips_weights(paths: Lpips) -> None:
+    """Raise one clear line when LPIPS is asked for but its weight files are absent."""
+    if missing_lpips_weights(paths):
+        raise LpipsWeightsMissing(
+            f"metric lpips needs VGG16 ImageNet weights at {paths.vgg16_weights} (torchvision's vgg16-397923af.pth, "
+            f"{VGG16_URL}) and the LPIPS v0.1 VGG linear layers at {paths.linear_weights} (the file "
+            "lpips/weights/v0.1/vgg.pth of the `lpips` PyPI package); missing: "
+            f"{', '.join(missing_lpips_weights(paths))}. Set lpips.vgg16_weights / lpips.linear_weights in "
+            "params.yaml, or use metric l2, l1 or pseudo_huber offline.")
+
+
+def check_lpips_weights(cfg: Config) -> None:
+    """Fail before any job starts when a stage will need LPIPS weights that are absent."""
+    users = [("cd", cfg.cd.metric), ("ct", cfg.ct.metric)]
+    for name in cfg.ablation.used_runs():
+        run = cfg.ablation.runs[name]
+        users.append((f"ablation.runs.{name}", run.get("metric", getattr(cfg, run["model"]).metric)))
+    for where, metric in users:
+        if metric == "lpips" and missing_lpips_weights(cfg.lpips):
+            try:
+                require_lpips_weights(cfg.lpips)
+            except LpipsWeightsMissing as e:
+                raise LpipsWeightsMissing(f"{where}.{e}") from None
+
+
+def unwritable(paths: list[str]) -> str | None:
+    """The first folder among the paths' parents that cannot be created or written (None: all can)."""
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        existing = folder
+        while not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return folder if existing == folder else f"{folder} (its parent {existing} is not writable)"
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

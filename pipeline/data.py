@@ -18,11 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import InputError
-
-
-def split_files(folder: str | os.PathLike, split: str) -> tuple[Path, Path]:
-    """The two files of a prepared split: <folder>/<split>_images.npy (uint8 NHWC), <split>_labels.npy (int64)."""
-    return Path(folder) / f"{split}_images.npy", Path(folder) / f"{split}_labels.npy"
+from pipeline.datasets import split_files
 
 
 def save_split(folder: str | os.PathLike, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -265,17 +261,6 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def unwritable(paths: list[str]) -> str | None:
-    """The first folder among the paths' parents that cannot be created or written (None: all can)."""
-    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        existing = folder
-        while not os.path.isdir(existing):
-            existing = os.path.dirname(existing)
-        if not os.access(existing, os.W_OK | os.X_OK):
-            return folder if existing == folder else f"{folder} (its parent {existing} is not writable)"
-    return None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

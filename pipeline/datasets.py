@@ -1,7 +1,7 @@
 """The datasets of the paper and how their raw downloads are read.
 
-Every dataset ends up in the same on-disk form (pipeline.data): uint8 NHWC images and int64 labels per
-split. This module knows each dataset's shape and where its raw files come from.
+Every dataset ends up in the same on-disk form (split_files, read and written by pipeline.data): uint8 NHWC
+images and int64 labels per split. This module knows each dataset's shape and where its raw files come from.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import functools
 import io
 import itertools
 import multiprocessing
+import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def split_files(folder: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """The two files of a prepared split: <folder>/<split>_images.npy (uint8 NHWC), <split>_labels.npy (int64)."""
+    return Path(folder) / f"{split}_images.npy", Path(folder) / f"{split}_labels.npy"
 
 
 @dataclass(frozen=True)

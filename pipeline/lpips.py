@@ -10,37 +10,16 @@ and std on [0, 1]) is LPIPS' shift and scale on [-1, 1], so the pooling is the o
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline import cm
-from pipeline.config import Config, Lpips
+from pipeline.config import Lpips, LpipsWeightsMissing, require_lpips_weights
 
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LAYER_ENDS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
 CHANNELS = (64, 128, 256, 512, 512)
-
-
-class LpipsWeightsMissing(FileNotFoundError):
-    pass
-
-
-def missing_weights(paths: Lpips) -> list[str]:
-    return [p for p in (paths.vgg16_weights, paths.linear_weights) if not Path(p).is_file()]
-
-
-def require_weights(paths: Lpips) -> None:
-    """Raise one clear line when LPIPS is asked for but its weight files are absent."""
-    if missing_weights(paths):
-        raise LpipsWeightsMissing(
-            f"metric lpips needs VGG16 ImageNet weights at {paths.vgg16_weights} (torchvision's vgg16-397923af.pth, "
-            f"{VGG16_URL}) and the LPIPS v0.1 VGG linear layers at {paths.linear_weights} (the file "
-            "lpips/weights/v0.1/vgg.pth of the `lpips` PyPI package); missing: "
-            f"{', '.join(missing_weights(paths))}. Set lpips.vgg16_weights / lpips.linear_weights in params.yaml, "
-            "or use metric l2, l1 or pseudo_huber offline.")
 
 
 class LPIPS(nn.Module):
@@ -73,7 +52,7 @@ class LPIPS(nn.Module):
 
     @classmethod
     def from_files(cls, paths: Lpips) -> LPIPS:
-        require_weights(paths)
+        require_lpips_weights(paths)
         return cls(torch.load(paths.vgg16_weights, map_location="cpu", weights_only=True),
                    torch.load(paths.linear_weights, map_location="cpu", weights_only=True), paths.pooling)
 
@@ -107,17 +86,3 @@ def training_distance(metric: str, paths: Lpips, device: torch.device) -> Distan
         return lpips(x, y)
 
     return lpips_distance
-
-
-def preflight(cfg: Config) -> None:
-    """Fail before any job starts when a stage will need LPIPS weights that are absent."""
-    users = [("cd", cfg.cd.metric), ("ct", cfg.ct.metric)]
-    for name in cfg.ablation.used_runs():
-        run = cfg.ablation.runs[name]
-        users.append((f"ablation.runs.{name}", run.get("metric", getattr(cfg, run["model"]).metric)))
-    for where, metric in users:
-        if metric == "lpips" and missing_weights(cfg.lpips):
-            try:
-                require_weights(cfg.lpips)
-            except LpipsWeightsMissing as e:
-                raise LpipsWeightsMissing(f"{where}.{e}") from None

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, from_args
-from pipeline.data import split_files, unwritable
+from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, from_args, unwritable
+from pipeline.datasets import split_files
 
 MODELS = ("teacher", "cd", "ct")
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]

@@ -30,8 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import distributed, tracking
-from pipeline.config import Config, split_batch
-from pipeline.data import Batches, atomic_write, choose_placement, load_split, training_images, unwritable
+from pipeline.config import Config, split_batch, unwritable
+from pipeline.data import Batches, atomic_write, choose_placement, load_split, training_images
 from pipeline.distributed import Context
 from pipeline.models import (
     CheckpointError,

@@ -272,7 +272,7 @@ def test_an_unwritable_output_folder_is_named_before_any_job():
         locked = base / "locked"
         locked.mkdir(mode=0o555)
         result = _as_nobody(textwrap.dedent(f"""
-            from pipeline.data import unwritable
+            from pipeline.config import unwritable
             print(unwritable(["{locked}/checkpoints/cifar10/teacher.pt"]))
             print(unwritable(["{base}/checkpoints/teacher.pt"]))
         """))
