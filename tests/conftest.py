@@ -1,4 +1,11 @@
-"""Helpers shared by the end-to-end tests: a synthetic CIFAR-10 and a micro-preset workspace."""
+"""Helpers shared by the end-to-end tests: a synthetic CIFAR-10 and a micro-preset workspace.
+
+The suite's budget (README, Tests): `make test` runs it on 2 workers (pytest-xdist) and CI must finish in 25 minutes
+on 2 cores. So, from now on: a new end-to-end test reuses a shared workspace -- `micro_dag` (the micro DAG, built
+once per run; copy it with `copy_workspace` before changing anything), `micro_reference` (the float64 training
+checkpoints) or a module's own fixture -- or says in its docstring why it cannot. Tests that share a session or
+module fixture carry one `xdist_group` mark, so that the fixture is built on one worker only.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,12 @@ from PIL import Image
 from pipeline.prepare_data import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each, in the worker and in every process it starts (torch's default of
+    # one thread per core in both would put four busy threads on two cores).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def make_class_folders(root: Path, per_class: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -49,6 +62,13 @@ def workspace(tmp_path: Path, preset: str = "micro") -> tuple[Path, dict]:
            "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/mlflow.db",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return ws, env
+
+
+def copy_workspace(ws: Path, env: dict, dest: Path) -> tuple[Path, dict]:
+    """A copy of a workspace (with its outputs, mtimes, Snakemake metadata and MLflow store) to change freely."""
+    shutil.copytree(ws, dest, symlinks=True)
+    env = {**env, "PYTHONPATH": str(dest), "MLFLOW_TRACKING_URI": f"sqlite:///{dest}/mlflow.db"}
+    return dest, env
 
 
 def run(args: list[str], ws: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -108,6 +128,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def micro_dag(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """The micro preset's whole DAG (`snakemake all figure3`), built once per test run: its workspace, environment and
+    Snakemake's output. Read it, never change it (copy_workspace first): other tests inspect the same files."""
+    ws, env = workspace(tmp_path_factory.mktemp("micro_dag"))
+    return ws, env, run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "figure3"], ws, env)
 
 
 @pytest.fixture(scope="session")

@@ -230,7 +230,11 @@ def layouts(tmp_path_factory) -> tuple[Path, dict, dict]:
     return ws, env, out
 
 
+LAYOUTS = pytest.mark.xdist_group("layouts")  # the tests of the module fixture run on one worker
+
+
 @pytest.mark.slow
+@LAYOUTS
 def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layouts):
     ws, env, trained = layouts
     for kind in TRAINED:
@@ -258,6 +262,7 @@ def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layou
 
 
 @pytest.mark.slow
+@LAYOUTS
 def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupted_run(layouts):
     ws, env, trained = layouts
     process = subprocess.Popen(_command("ct", "two"), cwd=ws, env=env, stdout=subprocess.DEVNULL,
@@ -280,6 +285,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupt
 
 
 @pytest.mark.slow
+@LAYOUTS
 def test_replicas_that_diverge_stop_the_run_at_the_first_checkpoint(layouts):
     ws, env, _ = layouts
     folder = _folder(ws, "ct.diverged")
@@ -292,6 +298,7 @@ def test_replicas_that_diverge_stop_the_run_at_the_first_checkpoint(layouts):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # micro_reference is built once, on the worker of the SLURM tests
 def test_the_micro_dag_with_two_processes_per_training_stage_matches_one_process(tmp_path, micro_reference):
     ws, env = workspace(tmp_path)
     use_float64(ws)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_class_folders, run, workspace
+from conftest import copy_workspace, make_class_folders, run, workspace
 from PIL import Image
 
 from pipeline.config import load
@@ -92,10 +92,14 @@ def check_table2_explains_what_was_not_run(path: Path) -> None:
     assert table.fid.isna().all() and table.notes.str.contains("not run here: run the preset paper_").all()
 
 
+# The micro DAG, built once by Snakemake (conftest.micro_dag): the tests that read it run on one worker.
+MICRO_DAG = pytest.mark.xdist_group("micro_dag")
+
+
 @pytest.mark.slow
-def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp_path):
-    ws, env = workspace(tmp_path)
-    run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "figure3"], ws, env)
+@MICRO_DAG
+def test_snakemake_runs_the_whole_dag_into_tables_figures_and_the_two_step_search(micro_dag):
+    ws, _, _ = micro_dag
     table = check_table(ws / "results/tables/table1.csv")
     assert (ws / "results/tables/table1.md").read_text().count("| method | nfe | fid |") == 1
     check_table2_explains_what_was_not_run(ws / "results/tables/table2.csv")
@@ -112,14 +116,25 @@ def test_snakemake_runs_the_whole_dag_caches_it_and_reruns_only_what_changed(tmp
     assert 1 <= search["index"] <= 16 and search["fid"] == min(p["fid"] for p in search["probes"])
     assert table.sigmas[2] == f"80.0, {search['sigma']:.4g}"
 
-    assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
 
+@pytest.mark.slow
+@MICRO_DAG
+def test_a_second_run_reruns_nothing_and_a_changed_param_only_its_stages(micro_dag, tmp_path):
+    ws, env, _ = micro_dag
+    assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
+    ws, env = copy_workspace(ws, env, tmp_path / "changed")
     params = (ws / "params.yaml").read_text()
     (ws / "params.yaml").write_text(params.replace("ct: {iterations: 3, batch: 4,", "ct: {iterations: 3, batch: 5,"))
     assert dry_run_jobs(ws, env) == {"train_ct", "search_ct", "sample_ct", "evaluate_ct", "tables"}
 
+
+@pytest.mark.slow
+@MICRO_DAG
+def test_mlflow_holds_every_stage_run_with_its_params_metrics_and_the_figure3_history(micro_dag):
     import mlflow
 
+    ws, env, _ = micro_dag
+    table = pd.read_csv(ws / "results/tables/table1.csv")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["consistency-models"])
     assert sorted(runs["tags.stage"]) == sorted(s.name for s in stages(load(ws / "params.yaml", "micro")))

@@ -23,16 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 PROFILE = REPO / "slurm"
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One worker runs them all: they share the cluster's 2 CPUs and the micro_reference checkpoints.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
-# The plugin polls job status first `init` s after submission, then waits 10 s longer after every poll
-# that finds nothing finished (init, 2*init+10, 3*init+30, ...), and resets to `init` once a job
-# finished.  Each job below takes 7-13 s from submission to sacct (the job step starts snakemake; more
-# on a loaded 2-core machine), so init=3 finds it at 16 s; the default (40) costs ~40 s per job and
-# init=1 (polls at 1, 12, 33 s) loses 20 s whenever a job takes just over 11 s.
-FAST_POLLING = ["--slurm-init-seconds-before-status-checks", "3", "--seconds-between-status-checks", "1"]
+# The first status check 2 s after a submission, then every 2 s (snakemake_fast_polling.py keeps the plugin from
+# waiting 10 s longer after each check that finds nothing finished).
+FAST_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
 
-# Two sequential rules (running them in parallel on a 2-core machine slows each job past the 12 s poll).
+# Two sequential rules.
 # Rule b also carries explicit resources and records how SLURM sees its own allocation.
 WORKFLOW = textwrap.dedent(
     """
@@ -55,8 +53,8 @@ WORKFLOW = textwrap.dedent(
 
 
 def _snakemake_cmd() -> list[str]:
-    """snakemake of the interpreter running pytest (the venv with the SLURM plugin)."""
-    return [sys.executable, "-m", "snakemake"]
+    """snakemake of the interpreter running pytest (the venv with the SLURM plugin), polling every 2 s."""
+    return [sys.executable, str(REPO / "tests" / "snakemake_fast_polling.py")]
 
 
 def _tail(text: str, n: int = 60) -> str:
