@@ -219,7 +219,7 @@ SQL
 write_configs() {
     # sets DBD_CHANGED / SLURM_CHANGED
     local pw=$1 cpus mem_total_mb mem
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the cores, whatever a test set for its threads
     mem_total_mb=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024))
     # a bit under the total: 95 %, and at least 256 MB below it
     mem=$((mem_total_mb * 95 / 100))

@@ -120,6 +120,15 @@ def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return {r["JobID"]: r for r in rows}
 
 
+def test_the_node_offers_every_core(slurm_cluster):
+    """The node has the machine's cores even when `up` ran under OMP_NUM_THREADS=1 (as in a pytest-xdist worker):
+    with one, every 2-CPU job would stay pending (PartitionConfig) and its test would wait for its timeout."""
+    subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    node = subprocess.run(["scontrol", "show", "node"], capture_output=True, text=True, check=True).stdout
+    assert f"CPUTot={len(os.sched_getaffinity(0))} " in node, node
+
+
 def test_real_submission(workflow_run):
     wd, log = workflow_run
     a = (wd / "out" / "a.txt").read_text()
