@@ -25,13 +25,13 @@ demo: setup
 	snakemake --cores $(CORES) results/tables/table1.csv
 	@cat results/tables/table1.md
 
-# Two workers (pytest-xdist; tests that share a fixture carry one xdist_group), and the 20 slowest tests at the end.
+# Two workers (pytest-xdist; one file's tests on one worker), and the 20 slowest tests at the end.
 PYTEST_WORKERS ?= $(CORES)
 test: setup
-	pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
+	pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 
 test-fast: setup
-	pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+	pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup
 	ruff check pipeline tests

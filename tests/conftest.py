@@ -1,10 +1,10 @@
 """Helpers shared by the end-to-end tests: a synthetic CIFAR-10 and a micro-preset workspace.
 
-The suite's budget (README, Tests): `make test` runs it on 2 workers (pytest-xdist) and CI must finish in 25 minutes
-on 2 cores. So, from now on: a new end-to-end test reuses a shared workspace -- `micro_dag` (the micro DAG, built
-once per run; copy it with `copy_workspace` before changing anything), `micro_reference` (the float64 training
-checkpoints) or a module's own fixture -- or says in its docstring why it cannot. Tests that share a session or
-module fixture carry one `xdist_group` mark, so that the fixture is built on one worker only.
+The suite's budget (README, Tests): `make test` runs it on 2 workers (pytest-xdist, --dist loadfile: the tests of one
+file run on one worker, so a session or module fixture used within one file is built once) and CI must finish in 25
+minutes on 2 cores. So, from now on: a new end-to-end test reuses a shared workspace -- `micro_dag` (the micro DAG,
+built once per run; copy it with `copy_workspace` before changing anything) or its module's fixture -- or says in
+its docstring why it cannot. A session fixture used by tests of several files is built on each of their workers.
 """
 
 from __future__ import annotations
@@ -138,14 +138,12 @@ def micro_dag(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess
     return ws, env, run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "figure3"], ws, env)
 
 
-@pytest.fixture(scope="session")
-def micro_reference(tmp_path_factory) -> dict:
-    """The micro DAG's three training checkpoints (float64), one process each: what other layouts must reproduce."""
-    ws, env = workspace(tmp_path_factory.mktemp("reference"))
-    use_float64(ws)
-    targets = [f"checkpoints/cifar10/{kind}.pt" for kind in TRAINED]
-    run([sys.executable, "-m", "snakemake", "--cores", "2", *targets], ws, env)
-    out: dict = {"targets": targets}
-    for kind in TRAINED:
-        out[kind] = torch.load(ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
-    return out
+def pytest_collection_modifyitems(config, items) -> None:
+    """The file with SLURM tests first (it mostly waits for the cluster, while the other worker computes), then the
+    files with slow tests, then the rest, so that the short files fill the end of a 2-worker run. A stable sort:
+    each file's tests keep their order."""
+    rank: dict = {}
+    for item in items:
+        mine = 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
+        rank[item.path] = min(rank.get(item.path, 2), mine)
+    items.sort(key=lambda item: rank[item.path])

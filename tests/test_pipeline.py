@@ -92,13 +92,9 @@ def check_table2_explains_what_was_not_run(path: Path) -> None:
     assert table.fid.isna().all() and table.notes.str.contains("not run here: run the preset paper_").all()
 
 
-# The micro DAG, built once by Snakemake (conftest.micro_dag): the tests that read it run on one worker.
-MICRO_DAG = pytest.mark.xdist_group("micro_dag")
-
-
 @pytest.mark.slow
-@MICRO_DAG
 def test_snakemake_runs_the_whole_dag_into_tables_figures_and_the_two_step_search(micro_dag):
+    """The micro DAG is built once by Snakemake (conftest.micro_dag); this test and the two below read it."""
     ws, _, _ = micro_dag
     table = check_table(ws / "results/tables/table1.csv")
     assert (ws / "results/tables/table1.md").read_text().count("| method | nfe | fid |") == 1
@@ -118,7 +114,6 @@ def test_snakemake_runs_the_whole_dag_into_tables_figures_and_the_two_step_searc
 
 
 @pytest.mark.slow
-@MICRO_DAG
 def test_a_second_run_reruns_nothing_and_a_changed_param_only_its_stages(micro_dag, tmp_path):
     ws, env, _ = micro_dag
     assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
@@ -129,7 +124,6 @@ def test_a_second_run_reruns_nothing_and_a_changed_param_only_its_stages(micro_d
 
 
 @pytest.mark.slow
-@MICRO_DAG
 def test_mlflow_holds_every_stage_run_with_its_params_metrics_and_the_figure3_history(micro_dag):
     import mlflow
 

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 PROFILE = REPO / "slurm"
 
-# One worker runs them all: they share the cluster's 2 CPUs and the micro_reference checkpoints.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# One worker runs them all (one file: --dist loadfile): they share the cluster's 2 CPUs.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # The first status check 2 s after a submission, then every 2 s (snakemake_fast_polling.py keeps the plugin from
 # waiting 10 s longer after each check that finds nothing finished).
@@ -213,51 +213,63 @@ def _steps(job: str) -> dict[str, dict[str, str]]:
     return {row["JobID"]: row for row in (dict(zip(names, line.split("|"))) for line in out.splitlines() if line)}
 
 
+# CD launches as the teacher does (torchrun in one task); test_distributed compares its 1- and 2-process weights.
+PARALLEL = ("teacher", "ct")
+
+
 @pytest.fixture(scope="module")
-def parallel_dag(slurm_cluster, tmp_path_factory, micro_reference):
-    """The micro DAG's training stages on 2 processes each through sbatch: the teacher and CD under torchrun in
-    one task, CT as two srun tasks (the multi-node launch path, on the one node)."""
+def parallel_dag(slurm_cluster, tmp_path_factory):
+    """The micro DAG's teacher and CT on 2 processes each through sbatch, in float64: the teacher under torchrun in
+    one task, CT as two srun tasks (the multi-node launch path, on the one node). Beside them, while the jobs wait
+    in the queue, the same two trainings on one process, run directly: what the 2-process runs must reproduce."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import set_training_resources, use_float64, workspace
 
     ws, env = workspace(tmp_path_factory.mktemp("parallel"))
-    use_float64(ws)
-    set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_teacher", "distill_cd"), processes=2)
+    ref_ws, ref_env = workspace(tmp_path_factory.mktemp("reference"))
+    for folder in (ws, ref_ws):
+        use_float64(folder)
+    reference = subprocess.Popen(" && ".join(f"{sys.executable} -m pipeline.{module}" for module in
+                                             ("prepare_data", "train_teacher", "train_ct")),
+                                 shell=True, cwd=ref_ws, env=ref_env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_teacher",), processes=2)
     set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_ct",), processes=2, launch="srun")
     cmd = [*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", "-j", "1", *FAST_POLLING, "-p",
-           "--slurm-keep-successful-logs", *micro_reference["targets"]]
+           "--slurm-keep-successful-logs", *(f"checkpoints/cifar10/{kind}.pt" for kind in PARALLEL)]
     proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=1200, env=_env(**{
         k: env[k] for k in ("CIFAR10_SOURCE", "PYTHONPATH", "MLFLOW_TRACKING_URI", "PATH")}))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"snakemake failed (rc={proc.returncode}):\n{_tail(log, 120)}"
-    return ws, log
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+    return ws, log, ref_ws
 
 
-def test_two_process_training_through_sbatch_matches_one_process(parallel_dag, micro_reference):
+def test_two_process_training_through_sbatch_matches_one_process(parallel_dag):
     import torch
-    from conftest import TRAINED, largest_difference
+    from conftest import largest_difference
 
-    ws, _ = parallel_dag
-    for kind in TRAINED:
+    ws, _, ref_ws = parallel_dag
+    for kind in PARALLEL:
         mine = torch.load(ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
-        assert mine["world_size"] == 2, kind
-        assert largest_difference(micro_reference[kind], mine) < 1e-5, kind
+        one = torch.load(ref_ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
+        assert mine["world_size"] == 2 and one["world_size"] == 1, kind
+        assert largest_difference(one, mine) < 1e-5, kind
 
 
 def test_sacct_shows_the_tasks_and_cpus_of_each_layout(parallel_dag):
-    _, log = parallel_dag
+    ws, log, _ = parallel_dag
     jobs = _submitted(log)
-    assert {"train_teacher", "distill_cd", "train_ct"} <= set(jobs), log[-3000:]
-    for rule in ("train_teacher", "distill_cd"):  # one task of 2 CPUs; torchrun starts the 2 processes in it
-        steps = _steps(jobs[rule])
-        job = steps[jobs[rule]]
-        assert job["State"] == "COMPLETED" and job["ReqCPUS"] == "2", steps
-        assert steps[f"{jobs[rule]}.0"]["NTasks"] == "1", steps
+    assert {"train_teacher", "train_ct"} <= set(jobs), log[-3000:]
+    steps = _steps(jobs["train_teacher"])  # one task of 2 CPUs; torchrun starts the 2 processes in it
+    job = steps[jobs["train_teacher"]]
+    assert job["State"] == "COMPLETED" and job["ReqCPUS"] == "2", steps
+    assert steps[f"{jobs['train_teacher']}.0"]["NTasks"] == "1", steps
     steps = _steps(jobs["train_ct"])  # srun: one task per process, 1 CPU each
     assert steps[jobs["train_ct"]]["ReqCPUS"] == "2" and steps[jobs["train_ct"]]["State"] == "COMPLETED", steps
     srun_steps = [row for name, row in steps.items() if "." in name and name.split(".")[-1].isdigit()]
     assert [row["NTasks"] for row in srun_steps] == ["2"], steps
-    ws, _ = parallel_dag
     slurm_log = "\n".join(p.read_text() for p in (ws / ".snakemake/slurm_logs").rglob(f"{jobs['train_ct']}.log"))
     assert "srun --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --kill-on-bad-exit=1" in slurm_log, slurm_log[-3000:]
 

@@ -180,13 +180,13 @@ def test_channels_last_gives_the_same_loss(synthetic):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("compile")  # one worker: CT's step reuses the graphs compiled for CD's
 @pytest.mark.parametrize("kind", ["cd", "ct"])
 def test_compiled_steps_give_the_eager_loss(synthetic, kind):
     """torch.compile fuses kernels (different float rounding), nothing else: 4 steps agree to 1e-4 relative.
     Two levels instead of micro's three keep every block type (attention, down- and upsampling) and halve the
-    minutes of CPU code generation. The teacher's step is left out: Training compiles its online network as CD's
-    (forward and backward, in training mode), and CD's step also runs the compiled target and teacher."""
+    minutes of CPU code generation; CT's step reuses the graphs compiled for CD's. The teacher's step is left out:
+    Training compiles its online network as CD's (forward and backward, in training mode), and CD's step also
+    runs the compiled target and teacher."""
     two_levels = "network.channel_mult=[1,1]"
     bench.write_synthetic_workspace(micro_config(two_levels), images=32)  # a teacher of that shape for CD
     eager = _losses(synthetic(kind, two_levels), 4)
