@@ -6,13 +6,15 @@
 #   snakemake --cores 2                                  # local, the preset params.yaml selects
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
 import os
+import shutil
+import subprocess
 import sys
 
 from snakemake.exceptions import WorkflowError
 
 from pipeline import tracking
 from pipeline.config import ConfigError, LpipsWeightsMissing, check_data_source, check_lpips_weights, load
-from pipeline.stages import check_writable, slurm_resources, stages, targets
+from pipeline.stages import check_writable, misfit, read_partitions, slurm_resources, stages, targets
 
 try:
     CFG = load("params.yaml")
@@ -62,6 +64,13 @@ onstart:
                 raise WorkflowError(f"resources.{stage.resources}: {request.nodes} node(s) x {request.per_node} "
                                     f"processes start with srun: run with --profile slurm (or inside salloc), not "
                                     f"the {executor} executor")
+    if executor == "slurm" and shutil.which("sinfo"):
+        # A job no node can run pends forever (PartitionConfig): name it before anything is submitted. The partition
+        # is SBATCH_PARTITION's (the profile's way to choose one), else the cluster's default.
+        sinfo = subprocess.run(["sinfo", "-h", "-o", "%P|%c|%m|%G|%D"], capture_output=True, text=True).stdout
+        partition = read_partitions(sinfo).get(os.environ.get("SBATCH_PARTITION", ""))
+        if partition is not None and (problem := misfit(CFG, partition)):
+            raise WorkflowError(problem)
     serve = CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI")  # a user's server wins
     tracking.setup(CFG)  # create the MLflow store once, before parallel jobs race to do it
     if serve:

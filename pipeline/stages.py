@@ -146,6 +146,48 @@ def slurm_resources(cfg: Config, stage: Stage) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Partition:
+    """What the largest node of a SLURM partition offers (sinfo), and how many nodes it has."""
+
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+    nodes: int
+
+
+def read_partitions(sinfo: str) -> dict[str, Partition]:
+    """Partitions from `sinfo -h -o '%P|%c|%m|%G|%D'` (one line per node group; the default partition ends in '*'),
+    with the default one also under the key ''."""
+    out: dict[str, Partition] = {}
+    for line in sinfo.strip().splitlines():
+        name, cpus, mem, gres, nodes = line.strip().split("|")
+        default, name = name.endswith("*"), name.rstrip("*")
+        gpus = sum(int(part.split("(")[0].split(":")[-1]) for part in gres.split(",") if part.startswith("gpu:"))
+        seen = out.get(name, Partition(name, 0, 0, 0, 0))
+        out[name] = Partition(name, max(seen.cpus, int(cpus.rstrip("+"))), max(seen.mem_mb, int(mem.rstrip("+"))),
+                              max(seen.gpus, gpus), seen.nodes + int(nodes))
+        if default:
+            out[""] = out[name]
+    return out
+
+
+def misfit(cfg: Config, partition: Partition) -> str | None:
+    """The first stage whose request no node of the partition can ever meet (SLURM would keep it pending with
+    reason PartitionConfig, and Snakemake wait in silence), named with the resources key to change."""
+    for stage in stages(cfg):
+        r = cfg.resources[stage.resources]
+        for key, asked, has, what in (("cpus", r.cpus, partition.cpus, "CPUs per node"),
+                                      ("mem_mb", r.mem_mb, partition.mem_mb, "MB of memory per node"),
+                                      ("gpu", r.gpu, partition.gpus, "GPUs per node"),
+                                      ("nodes", r.nodes, partition.nodes, "nodes")):
+            if asked > has:
+                return (f"resources.{stage.resources}.{key}: {stage.name} asks for {asked} {what}, and partition "
+                        f"'{partition.name}' has {has}: SLURM would never start it; lower it in params.yaml")
+    return None
+
+
 def openai_stage(cfg: Config, model: str) -> Stage:
     """Import one of OpenAI's published checkpoints (<model>.openai_checkpoint) in place of training the model."""
     source = getattr(cfg, model).openai_checkpoint

@@ -170,6 +170,23 @@ def test_slurm_requests_of_the_paper_presets():
     assert all(s.cmd.startswith("python -m pipeline.launch ") == s.training for s in stages(imagenet))
 
 
+def test_sinfo_partitions_and_a_request_no_node_can_meet():
+    from pipeline.stages import misfit, read_partitions
+
+    sinfo = "debug*|2|22899|(null)|1\ngpu|64|512000+|gpu:a100:8(S:0-1)|4\ngpu|32|256000|gpu:4,gpu:v100:2|12\n"
+    parts = read_partitions(sinfo)
+    assert parts[""] == parts["debug"] and parts["debug"].cpus == 2 and parts["debug"].gpus == 0
+    assert (parts["gpu"].cpus, parts["gpu"].mem_mb, parts["gpu"].gpus, parts["gpu"].nodes) == (64, 512000, 8, 16)
+    tiny = load(ROOT / "params.yaml", "tiny")  # prepare_data asks for 4 CPUs
+    assert misfit(tiny, parts["debug"]) == ("resources.prepare_data.cpus: prepare_data asks for 4 CPUs per node, "
+                                             "and partition 'debug' has 2: SLURM would never start it; lower it in "
+                                             "params.yaml")
+    assert misfit(load(ROOT / "params.yaml", "micro"), parts["debug"]) is None
+    imagenet = load(ROOT / "params.yaml", "paper_imagenet64")  # 8 nodes of 8 GPUs
+    assert misfit(imagenet, parts["gpu"]) is None
+    assert "train_teacher asks for 8 nodes" in misfit(imagenet, read_partitions("gpu|64|512000|gpu:8|4")["gpu"])
+
+
 # --- the same weights however the batch is split ---------------------------------------------------------
 
 

@@ -129,6 +129,25 @@ def test_the_node_offers_every_core(slurm_cluster):
     assert f"CPUTot={len(os.sched_getaffinity(0))} " in node, node
 
 
+def test_a_job_no_node_can_run_is_named_before_anything_is_submitted(slurm_cluster, tmp_path):
+    """The node has 2 CPUs; prepare_data asking for 3 would pend forever (PartitionConfig) with Snakemake waiting."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import workspace
+
+    ws, env = workspace(tmp_path)
+    text = (ws / "params.yaml").read_text()
+    line = "      prepare_data:  {gpu: 0, cpus: 1, mem_mb: 2000, runtime: 10}"
+    assert line in text
+    (ws / "params.yaml").write_text(text.replace(line, line.replace("cpus: 1", "cpus: 3")))
+    proc = subprocess.run([*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", *FAST_POLLING],
+                          cwd=ws, capture_output=True, text=True, timeout=300, env=_env(**{
+                              k: env[k] for k in ("CIFAR10_SOURCE", "PYTHONPATH", "MLFLOW_TRACKING_URI", "PATH")}))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "submitted with SLURM jobid" not in log, _tail(log)
+    assert ("resources.prepare_data.cpus: prepare_data asks for 3 CPUs per node, and partition 'debug' has 2: "
+            "SLURM would never start it; lower it in params.yaml") in log, _tail(log)
+
+
 def test_real_submission(workflow_run):
     wd, log = workflow_run
     a = (wd / "out" / "a.txt").read_text()
