@@ -131,11 +131,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def micro_dag(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    """The micro preset's whole DAG (`snakemake all figure3`), built once per test run: its workspace, environment and
-    Snakemake's output. Read it, never change it (copy_workspace first): other tests inspect the same files."""
+def micro_dag(tmp_path_factory) -> tuple[Path, dict]:
+    """The micro preset's whole DAG (`snakemake all figure3`), built once per test run: its workspace and environment.
+    Read it, never change it (copy_workspace first): other tests inspect the same files."""
     ws, env = workspace(tmp_path_factory.mktemp("micro_dag"))
-    return ws, env, run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "figure3"], ws, env)
+    run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "figure3"], ws, env)
+    return ws, env
 
 
 def pytest_collection_modifyitems(config, items) -> None:

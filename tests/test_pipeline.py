@@ -95,7 +95,7 @@ def check_table2_explains_what_was_not_run(path: Path) -> None:
 @pytest.mark.slow
 def test_snakemake_runs_the_whole_dag_into_tables_figures_and_the_two_step_search(micro_dag):
     """The micro DAG is built once by Snakemake (conftest.micro_dag); this test and the two below read it."""
-    ws, _, _ = micro_dag
+    ws, _ = micro_dag
     table = check_table(ws / "results/tables/table1.csv")
     assert (ws / "results/tables/table1.md").read_text().count("| method | nfe | fid |") == 1
     check_table2_explains_what_was_not_run(ws / "results/tables/table2.csv")
@@ -115,7 +115,7 @@ def test_snakemake_runs_the_whole_dag_into_tables_figures_and_the_two_step_searc
 
 @pytest.mark.slow
 def test_a_second_run_reruns_nothing_and_a_changed_param_only_its_stages(micro_dag, tmp_path):
-    ws, env, _ = micro_dag
+    ws, env = micro_dag
     assert dry_run_jobs(ws, env) == set()  # a second run re-runs nothing
     ws, env = copy_workspace(ws, env, tmp_path / "changed")
     params = (ws / "params.yaml").read_text()
@@ -127,7 +127,7 @@ def test_a_second_run_reruns_nothing_and_a_changed_param_only_its_stages(micro_d
 def test_mlflow_holds_every_stage_run_with_its_params_metrics_and_the_figure3_history(micro_dag):
     import mlflow
 
-    ws, env, _ = micro_dag
+    ws, env = micro_dag
     table = pd.read_csv(ws / "results/tables/table1.csv")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["consistency-models"])
