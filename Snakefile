@@ -4,6 +4,7 @@
 # cluster run parses it again.
 #
 #   snakemake --cores 2                                  # local, the preset params.yaml selects
+#   snakemake --cores 2 --config preset=proof            # another preset (here: Does it work? see README)
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
 import os
 import shutil
@@ -16,8 +17,13 @@ from pipeline import tracking
 from pipeline.config import ConfigError, LpipsWeightsMissing, check_data_source, check_lpips_weights, load
 from pipeline.stages import check_writable, misfit, read_partitions, slurm_resources, stages, targets
 
+# `snakemake --config preset=proof` runs another preset than params.yaml's (every stage command gets --preset).
+PRESET = config.get("preset")
+if set(config) - {"preset"}:
+    raise WorkflowError(f"--config: only preset=<name> is read (got {', '.join(sorted(config))}); every other knob "
+                        "lives in params.yaml")
 try:
-    CFG = load("params.yaml")
+    CFG = load("params.yaml", preset=PRESET)
     check_data_source(CFG)
     check_writable(CFG)
     check_lpips_weights(CFG)
@@ -44,7 +50,7 @@ for stage in stages(CFG):
             stage.outs,
         params:
             values=stage.param_values(CFG),  # a change of any tracked knob re-runs the rule
-            cmd=stage.cmd,  # bound now: `shell:` is evaluated when the job runs, after the loop ended
+            cmd=stage.cmd + (f" --preset {PRESET}" if PRESET else ""),  # bound now: `shell:` runs after the loop
         threads: request.cpus
         conda:
             "envs/pipeline.yaml"  # used with --software-deployment-method conda (cluster nodes without our venv)

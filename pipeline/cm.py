@@ -123,6 +123,17 @@ def multistep_sample(
 
 
 @torch.no_grad()
+def euler_sample(denoiser: Denoiser, x_T: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler steps of the PF ODE through the n + 1 given sigmas: n evaluations, ending at sigmas[-1] (sigma_min,
+    where a consistency model's sample also stands). One step from sigma_max is about D(x_T, sigma_max)."""
+    sigmas = torch.as_tensor(sigmas, dtype=x_T.dtype, device=x_T.device)
+    x = x_T
+    for t, t_next in zip(sigmas[:-1], sigmas[1:]):
+        x = euler_step(denoiser, x, t, t_next)
+    return x
+
+
+@torch.no_grad()
 def heun_sample(denoiser: Denoiser, x_T: torch.Tensor, sigmas: torch.Tensor, clip: bool = False) -> torch.Tensor:
     """EDM's deterministic Heun sampler (EDM Alg. 1): 2n-1 evaluations for n sigmas, then sigma = 0.
 

@@ -52,6 +52,8 @@ DATASETS = {
                             "python download.py -c cat with https://github.com/fyu/lsun) and unzip it into the "
                             "folder data.source names (cat/ holding data.mdb); a folder of train/ and test/ image "
                             "files works too"),
+    # A mixture of Gaussians with exact answers (pipeline.gmm), generated from data.gmm: nothing to download.
+    "gmm": DatasetSpec("gmm", 8, 0, "prepare_data generates it from data.gmm"),
 }
 
 

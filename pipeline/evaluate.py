@@ -5,18 +5,24 @@ model's samples, all from one Inception pass per NFE.
 
 FID against the training-set statistics of reference_stats; KID and precision/recall (k-NN manifolds,
 k = evaluate.pr_k, as the ADM evaluator) against its reference features; same Inception weights and
-clean-fid mode. Writes results/metrics/<dataset>/<model>.json, one entry per NFE.
+clean-fid mode. Writes results/metrics/<dataset>/<model>.json, one entry per sample set (NFE, and the teacher's
+few-step solvers). Dataset gmm: no Inception; the exact measures of pipeline.gmm instead (evaluate_mixture).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline import tracking
 from pipeline.config import InputError, stage_cli
-from pipeline.data import write_json
+from pipeline.data import load_split, to_model_range, write_json
+from pipeline.gmm import GaussianMixture
 from pipeline.metrics import (
     FeatureSet,
     InceptionFeatures,
@@ -27,12 +33,14 @@ from pipeline.metrics import (
     load_reference_stats,
     precision_recall,
 )
-from pipeline.stages import MODELS, metrics, ref_features, ref_stats, samples
+from pipeline.models import load_model
+from pipeline.stages import MODELS, checkpoint, data_dir, metrics, ref_features, ref_stats, samples
 from pipeline.training import setup_torch
 
 NO_LOGITS = "IS unavailable: {} Inception weights have no classifier layer"
 TOO_FEW_FOR_PR = "precision/recall unavailable: k={} needs more than k samples and reference images (got {} and {})"
-LOGGED = ("fid", "kid", "is", "precision", "recall")  # MLflow metrics <name>_nfe<nfe>
+LOGGED = ("fid", "kid", "is", "precision", "recall")  # MLflow metrics <name>_<sample key>, e.g. fid_nfe1
+MIXTURE_LOGGED = ("nll_gap", "mode_tv", "on_mode", "frechet")  # dataset gmm
 
 
 def score(features: FeatureSet, reference_stats: dict, reference_features: np.ndarray, pr_k: int,
@@ -82,28 +90,83 @@ def load_inception(cfg, device) -> InceptionFeatures:
         sys.exit(f"error: evaluate.inception: {err}")
 
 
-def _summary(model: str, nfe: int, row: dict) -> str:
+def _summary(model: str, key: str, row: dict) -> str:
     pr = "" if row["precision"] is None else f", precision {row['precision']:.3f}, recall {row['recall']:.3f}"
-    return f"{model} NFE {nfe}: FID {row['fid']:.2f}, KID {row['kid']:.4f}{pr} on {row['num_samples']} samples"
+    return f"{model} {key}: FID {row['fid']:.2f}, KID {row['kid']:.4f}{pr} on {row['num_samples']} samples"
+
+
+SAMPLE_SET = re.compile(r"^(?:(euler|heun)_)?nfe(\d+)$")  # pipeline.sample.sample_key
+
+
+def sample_sets(path: str) -> list[tuple[str, dict, np.ndarray]]:
+    """[(key, row head, images)] of a samples file: the head holds the NFE, the count, the sampling times and,
+    for the teacher's few-step rows, the solver ('sampler'); the stage's own sampler first, by NFE."""
+    out = []
+    with np.load(path) as f:
+        for key in f.files:
+            if match := SAMPLE_SET.match(key):
+                solver, nfe = match.groups()
+                sigmas = f[f"sigmas_{key}"].tolist() if f"sigmas_{key}" in f.files else None
+                head = {"nfe": int(nfe), "num_samples": len(f[key]), "sigmas": sigmas}
+                out.append((key, head | ({"sampler": solver} if solver else {}), f[key]))
+    return sorted(out, key=lambda item: ("sampler" in item[1], item[1].get("sampler", ""), item[1]["nfe"]))
+
+
+def load_mixture(cfg) -> tuple[GaussianMixture, float]:
+    """Dataset gmm: the mixture prepare_data drew (its manifest), and the NLL per dimension of the test split's true
+    draws, which every sample set's NLL is measured beside."""
+    folder = data_dir(cfg)
+    mixture = GaussianMixture.from_dict(json.loads((Path(folder) / "manifest.json").read_text())["mixture"])
+    test, _ = load_split(folder, "test")
+    return mixture, mixture.nll_per_dim(to_model_range(test).double())
+
+
+def evaluate_mixture(cfg, model: str, sets: list, device) -> dict:
+    """Dataset gmm: the exact measures of every sample set (pipeline.gmm; the NLL beside that of the test split's
+    true draws), and the model's own error against the exact answer at evaluate.error_sigmas: E||f - f*||^2 / d
+    for a consistency model, E||D - D*||^2 / d for the teacher, on noisy true draws."""
+    e = cfg.evaluate
+    mixture, reference_nll = load_mixture(cfg)
+    rows = []
+    for key, head, images in sets:
+        rows.append(head | mixture.measures(to_model_range(images).double(), reference_nll))
+        tracking.log_metrics({f"{name}_{key}": rows[-1][name] for name in MIXTURE_LOGGED})
+        print(f"{model} {key}: NLL gap {rows[-1]['nll_gap']:.3f} nats/dim, on-mode {rows[-1]['on_mode']:.3f}, "
+              f"mode TV {rows[-1]['mode_tv']:.3f}", file=sys.stderr)
+    net = load_model(checkpoint(cfg, model), device, cfg=cfg)
+    error = mixture.denoiser_error if model == "teacher" else mixture.consistency_error
+    generator = torch.Generator().manual_seed(cfg.sample.seed)
+    # f* on 1024 Heun steps: its own error <= 7.5e-6 relative (pipeline.gmm.CONSISTENCY_STEPS), 4x faster than 4096.
+    steps = {} if model == "teacher" else {"steps": 1024}
+    errors = error(net, e.error_sigmas, e.error_samples, generator, device=device, **steps)
+    tracking.log_metrics({f"error_sigma{sigma:g}": value for sigma, value in errors.items()})
+    return {"rows": rows, "reference": {"split": "test", "count": cfg.data.gmm.test, "nll": reference_nll},
+            "error": {"kind": "denoiser" if model == "teacher" else "consistency", "samples": e.error_samples,
+                      "per_sigma": {f"{sigma:g}": value for sigma, value in errors.items()}}}
 
 
 def main() -> None:
     cfg, args = stage_cli(__doc__, MODELS)
     device = setup_torch(cfg)
     e = cfg.evaluate
+    sets = sample_sets(samples(cfg, args.model))
+    if cfg.data.dataset == "gmm":
+        with tracking.stage_run(f"evaluate_{args.model}", cfg, tags={"model": args.model}) as run:
+            result = evaluate_mixture(cfg, args.model, sets, device)
+            write_json(metrics(cfg, args.model), {"model": args.model, "dataset": cfg.data.dataset,
+                                                  "preset": cfg.preset, "mlflow_run_id": run.info.run_id,
+                                                  "training": _training_summary(cfg, args.model)} | result)
+        return
     reference, reference_features = load_references(cfg)
-    with np.load(samples(cfg, args.model)) as f:
-        sets = {int(k[3:]): f[k] for k in f.files if k.startswith("nfe")}
-        sigmas = {int(k[len("sigmas_nfe"):]): f[k].tolist() for k in f.files if k.startswith("sigmas_nfe")}
     with tracking.stage_run(f"evaluate_{args.model}", cfg, tags={"model": args.model}) as run:
         inception = load_inception(cfg, device)
         rows = []
-        for nfe, images in sorted(sets.items()):
-            row = {"nfe": nfe, "num_samples": len(images), "sigmas": sigmas.get(nfe)}
-            row |= score(inception(images), reference, reference_features, e.pr_k, inception.source.split()[0])
+        for key, head, images in sets:
+            row = head | score(inception(images), reference, reference_features, e.pr_k,
+                               inception.source.split()[0])
             rows.append(row)
-            tracking.log_metrics({f"{name}_nfe{nfe}": row[name] for name in LOGGED if row[name] is not None})
-            print(_summary(args.model, nfe, row), file=sys.stderr)
+            tracking.log_metrics({f"{name}_{key}": row[name] for name in LOGGED if row[name] is not None})
+            print(_summary(args.model, key, row), file=sys.stderr)
         write_json(metrics(cfg, args.model), {
             "model": args.model, "dataset": cfg.data.dataset, "preset": cfg.preset, "rows": rows,
             "mlflow_run_id": run.info.run_id,

@@ -36,6 +36,43 @@ SIGMA_MIN = 0.002
 CONSISTENCY_STEPS = 4096
 
 
+# The mean images of a generated mixture: K coloured shapes on a dark background, 8 x 8 pixels, so that a grid of
+# samples reads at a glance. Pixel values span [-0.6, 0.6]: a draw with spread <= 0.1 stays inside [-1, 1].
+RESOLUTION = 8
+SHAPES = {
+    "disc": lambda i, j: (i - 3.5) ** 2 + (j - 3.5) ** 2 <= 9,
+    "cross": lambda i, j: ((i - 3.5).abs() < 1) | ((j - 3.5).abs() < 1),
+    "square": lambda i, j: ((i == 1) | (i == 6) | (j == 1) | (j == 6)) & (i >= 1) & (i <= 6) & (j >= 1) & (j <= 6),
+    "stripes": lambda i, j: i % 4 < 2,
+    "diagonal": lambda i, j: (i - j).abs() <= 1,
+    "checker": lambda i, j: (i // 2 + j // 2) % 2 == 0,
+    "triangle": lambda i, j: (i >= 1) & ((j - 3.5).abs() <= (i - 1) / 2 + 0.5),
+    "columns": lambda i, j: j % 4 < 2,
+    "ring": lambda i, j: ((i - 3.5) ** 2 + (j - 3.5) ** 2 - 7.5).abs() <= 3,
+    "corner": lambda i, j: (i < 4) & (j < 4),
+}
+
+
+def shape_means(components: int) -> torch.Tensor:
+    """(K, 3, 8, 8) float64 mean images: shape k % 10 of SHAPES in hue k / K, on a dark background."""
+    i, j = torch.meshgrid(torch.arange(RESOLUTION, dtype=torch.float64), torch.arange(RESOLUTION, dtype=torch.float64),
+                          indexing="ij")
+    shapes = list(SHAPES.values())
+    means = torch.full((components, 3, RESOLUTION, RESOLUTION), -0.6, dtype=torch.float64)
+    for k in range(components):
+        hue = k / components  # a saturated colour: each channel a triangle wave of the hue, in [0, 1]
+        rgb = [min(max(abs((hue * 6 + shift) % 6 - 3) - 1, 0.0), 1.0) for shift in (0, 4, 2)]
+        mask = shapes[k % len(shapes)](i, j)
+        for c in range(3):
+            means[k, c][mask] = -0.4 + rgb[c]  # foreground in [-0.4, 0.6]: visible on the -0.6 background
+    return means
+
+
+def shape_mixture(components: int, spread: float) -> GaussianMixture:
+    """The generated dataset of data.gmm: shape_means with unequal weights pi_k proportional to k + 1."""
+    return GaussianMixture.from_means(shape_means(components), torch.arange(1, components + 1), spread)
+
+
 def _f64(x: torch.Tensor | Sequence, device: torch.device | str | None = None) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64, device=device)
 
@@ -191,6 +228,13 @@ class GaussianMixture:
         m, s = self.mean_and_covariance()
         return frechet_distance(mu_y, cov_y, m.numpy(), s.numpy())
 
+    def measures(self, y: torch.Tensor, reference_nll: float) -> dict[str, float]:
+        """Every exact measure of a sample set y, the NLL beside reference_nll (that of true draws): precision (NLL
+        gap, on-mode fraction), recall (mode-coverage TV) and both (Frechet distance to the exact moments)."""
+        nll = self.nll_per_dim(y)
+        return {"nll": nll, "nll_gap": nll - reference_nll, "mode_tv": self.mode_coverage_tv(y),
+                "on_mode": self.on_mode_fraction(y), "frechet": self.frechet_to_truth(y)}
+
     # --- errors of a learned denoiser or consistency function -------------------------------------------------
 
     def _error(self, model: Callable, exact: Callable, sigmas: Sequence[float], n: int,
@@ -207,11 +251,12 @@ class GaussianMixture:
 
     def consistency_error(
         self, f: cm.ConsistencyFn, sigmas: Sequence[float], n: int, generator: torch.Generator | None = None,
-        *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", steps: int = CONSISTENCY_STEPS,
     ) -> dict[float, float]:
         """{sigma: E ||f(x, sigma) - f*(x, sigma)||^2 / d} over n draws x ~ p_sigma. f gets x and a per-sample
-        sigma (n,) in dtype on device (float32: a network's), in one batch."""
-        return self._error(f, self.consistency_function, sigmas, n, generator, dtype, device)
+        sigma (n,) in dtype on device (float32: a network's), in one batch; f* takes `steps` Heun steps."""
+        exact = lambda x, sigma: self.consistency_function(x, sigma, steps=steps)
+        return self._error(f, exact, sigmas, n, generator, dtype, device)
 
     def denoiser_error(
         self, denoiser: cm.Denoiser, sigmas: Sequence[float], n: int, generator: torch.Generator | None = None,

@@ -522,7 +522,81 @@ class ADMUNet(nn.Module):
 # Factory.
 
 # Family defaults on top of the class defaults; anything here can be overridden by keyword.
+# ----------------------------------------------------------------------------------------------------------
+# MLP: for low-dimensional data (the proof preset's 3x8x8 mixture), where a UNet's cost buys nothing.
+
+
+class MLPBlock(nn.Module):
+    """h + Linear(dropout(SiLU(Linear(SiLU(h)) + emb))): a residual block on flat features, the noise embedding
+    added to its hidden layer (as the UNets' residual blocks add it to their feature maps)."""
+
+    def __init__(self, width: int, emb_channels: int, dropout: float):
+        super().__init__()
+        self.inner = Linear(width, width, init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3))
+        self.emb = Linear(emb_channels, width, init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3))
+        self.outer = Linear(width, width, init_mode="kaiming_uniform", init_weight=1e-5)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(self.inner(F.silu(h)) + self.emb(emb))
+        return h + self.outer(self.dropout(hidden))
+
+
+class MLPNet(nn.Module):
+    """A residual MLP on the flattened image: width model_channels * m for each m in channel_mult, num_blocks
+    blocks at each width, a positional embedding of the noise label (and an embedding of class labels) added in
+    every block (Fourier features of it by default, as NCSN++). The same interface as the UNets; it has no
+    resolution levels, so no attention."""
+
+    def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
+                 model_channels: int = 256, channel_mult: Sequence[int] = (1,), channel_mult_emb: int = 1,
+                 num_blocks: int = 2, attn_resolutions: Sequence[int] = (), dropout: float = 0.0,
+                 label_dropout: float = 0.0, embedding_type: str = "fourier"):
+        if embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
+        if attn_resolutions:
+            raise ValueError(f"arch mlp has no resolution levels: attn_resolutions must be [], got "
+                             f"{list(attn_resolutions)}")
+        super().__init__()
+        self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
+        self.label_dim, self.label_dropout = label_dim, label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        self.map_noise = (FourierEmbedding(model_channels) if embedding_type == "fourier"
+                          else PositionalEmbedding(model_channels, endpoint=True))
+        self.map_label = Linear(label_dim, emb_channels, init_mode="kaiming_normal") if label_dim else None
+        self.map_layer0 = Linear(model_channels, emb_channels, init_mode="kaiming_uniform")
+        self.map_layer1 = Linear(emb_channels, emb_channels, init_mode="kaiming_uniform")
+        widths = [model_channels * m for m in channel_mult]
+        self.layers = nn.ModuleList()
+        width = in_channels * img_resolution**2
+        for w in widths:
+            self.layers.append(Linear(width, w, init_mode="kaiming_uniform"))  # a projection to the new width
+            self.layers.extend(MLPBlock(w, emb_channels, dropout) for _ in range(num_blocks))
+            width = w
+        self.head = Linear(width, out_channels * img_resolution**2, init_mode="kaiming_uniform", init_weight=1e-5)
+        # A noise-dependent gain on the input, added to the output: F's optimum is nearly linear in x at every
+        # sigma (the UNets pass x on through their skips; an MLP would have to carry it through every layer).
+        self.gain = Linear(emb_channels, 1, init_mode="kaiming_uniform", init_weight=0.0) \
+            if in_channels == out_channels else None
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        batch = x.shape[0]
+        emb = self.map_noise(_noise_batch(noise_labels, batch, x.device))
+        labels = _class_embedding_input(class_labels, self.label_dim, batch, self.training, self.label_dropout)
+        emb = self.map_layer0(emb)
+        if labels is not None:
+            emb = emb + self.map_label(labels.to(emb.dtype) * math.sqrt(self.label_dim))
+        emb = F.silu(self.map_layer1(F.silu(emb))).to(x.dtype)
+        h = x.flatten(1)
+        for layer in self.layers:
+            h = layer(h, emb) if isinstance(layer, MLPBlock) else layer(h)
+        out = self.head(F.silu(h)).reshape(batch, self.out_channels, self.img_resolution, self.img_resolution)
+        return out if self.gain is None else out + self.gain(emb).reshape(batch, 1, 1, 1) * x
+
+
 _ARCH_DEFAULTS: dict[str, tuple[type[nn.Module], dict]] = {
+    "mlp": (MLPNet, {}),
     "ncsnpp": (SongUNet, {"embedding_type": "fourier", "channel_mult_noise": 2, "encoder_type": "residual",
                           "decoder_type": "standard", "resample_filter": (1, 3, 3, 1)}),
     "ddpmpp": (SongUNet, {"embedding_type": "positional", "channel_mult_noise": 1, "encoder_type": "standard",

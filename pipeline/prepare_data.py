@@ -6,6 +6,7 @@
 CIFAR-10: data.source is 'torchvision' (the official download) or a local .tar.gz / folder laid out as
 <split>/<class>/<image> with split in {train, test}; the environment variable CIFAR10_SOURCE wins.
 ImageNet 64 and LSUN: data.source is the folder of the raw download (pipeline.datasets says which files).
+gmm: no source; the mixture of data.gmm (pipeline.gmm) is drawn, and written into the manifest as well.
 Images are uint8 NHWC .npy files, written in a stream into a memory map (LSUN Bedroom is 590 GB), the
 training set in a fixed random order. The manifest records counts (per class for CIFAR-10) and sha256s.
 """
@@ -89,6 +90,27 @@ def read_torchvision(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def generate_mixture(cfg: Config) -> tuple[dict[str, RawSplit], dict]:
+    """Dataset gmm: the train and test splits drawn from data.gmm's mixture (labels: the component of each draw,
+    uint8 as every dataset), and the mixture itself for the manifest, where evaluate reads the exact answers."""
+    import torch
+
+    from pipeline.data import to_uint8
+    from pipeline.gmm import shape_mixture
+
+    g = cfg.data.gmm
+    mixture = shape_mixture(g.components, g.spread)
+    mean = mixture.mean_and_covariance()[0].reshape(1, *mixture.means.shape[1:])
+    if mixture.on_mode_fraction(mean) > 0:  # a mixture whose one-step Euler sample looks right tells nothing
+        raise SourceError(f"data.gmm.spread: {g.spread} puts the mean of the means on a mode; lower it")
+    generator = torch.Generator().manual_seed(g.seed)
+    splits = {}
+    for split, count in (("train", g.train), ("test", g.test)):
+        x0, component = mixture.sample(count, generator)
+        splits[split] = in_memory(to_uint8(x0), component.numpy().astype(np.int64))
+    return splits, {"mixture": mixture.to_dict()}
+
+
 def read_source(cfg: Config) -> dict[str, RawSplit]:
     """The raw splits of the configured dataset, read from data.source."""
     source, spec = cfg.data.source, cfg.data.spec
@@ -150,7 +172,12 @@ def prepare(cfg: Config) -> dict:
                 "num_classes": spec.num_classes, "splits": {}}
     if spec.name == "cifar10":
         manifest["classes"] = list(CLASSES)
-    for split, raw in read_source(cfg).items():
+    if spec.name == "gmm":
+        splits, mixture = generate_mixture(cfg)
+        manifest |= {"source": "generated", "gmm": cfg.section("data.gmm")} | mixture
+    else:
+        splits = read_source(cfg)
+    for split, raw in splits.items():
         train = split == "train"
         labels = write_split(folder, split, raw, cfg.data.max_train if train else None, shuffle=train)
         entry = {"count": int(len(labels)), "raw_count": raw.count}

@@ -2,12 +2,13 @@
 
     python -m pipeline.sample --model cd [--config params.yaml]
 
-teacher: EDM's Heun sampler with sample.teacher_steps noise levels (2 * steps - 1 NFE).
+teacher: EDM's Heun sampler with sample.teacher_steps noise levels (2 * steps - 1 NFE); the few-step rows of
+         sample.teacher_euler_nfe (Euler) and teacher_heun_nfe (EDM's Heun) beside it.
 cd, ct:  multistep consistency sampling (paper Alg. 1), once per schedule in sample.{cd,ct}_schedules; the
          time 'search' is the one the search_<model> stage found (results/metrics/<dataset>/two_step_<model>.json).
 Every schedule starts from the same noise (and, for class-conditional models, the same uniformly drawn
 labels), so the grids compare like with like. Writes samples/<dataset>/<model>.npz (keys nfe1, nfe2, ...,
-labels, and sigmas_nfe1, ...) and results/figures/<dataset>/samples_<model>.png.
+euler_nfe1, heun_nfe3, ... (sample_key), labels, and sigmas_<key>) and results/figures/<dataset>/samples_<model>.png.
 """
 
 from __future__ import annotations
@@ -38,15 +39,27 @@ def searched_time(cfg: Config, model: str) -> float:
     return float(json.loads(path.read_text())["sigma"])
 
 
-def schedules(cfg: Config, model: str) -> dict[int, list[float]]:
-    """{NFE: sigmas}: for the teacher the Karras grid (Heun), else each Alg. 1 schedule."""
-    d = cfg.diffusion
+def sample_key(nfe: int, solver: str | None = None) -> str:
+    """The name of a sample set: nfe<n> for the stage's own sampler, euler_nfe<n> / heun_nfe<n> for the teacher's
+    few-step rows (sample.teacher_euler_nfe, teacher_heun_nfe)."""
+    return f"{solver}_nfe{nfe}" if solver else f"nfe{nfe}"
+
+
+def schedules(cfg: Config, model: str) -> dict[str, tuple[str, list[float]]]:
+    """{sample key: (solver, sigmas)}: for the teacher EDM's Heun on the Karras grid (and the few-step rows), else
+    each Alg. 1 schedule."""
+    d, s = cfg.diffusion, cfg.sample
     if model == "teacher":
-        steps = cfg.sample.teacher_steps
-        return {2 * steps - 1: cm.karras_sigmas(steps, d.sigma_min, d.sigma_max, d.rho).tolist()}
+        def grid(n: int) -> list[float]:
+            return cm.karras_sigmas(n, d.sigma_min, d.sigma_max, d.rho).tolist()
+
+        out = {sample_key(2 * s.teacher_steps - 1): ("heun", grid(s.teacher_steps))}
+        out |= {sample_key(n, "euler"): ("euler", grid(n + 1)) for n in s.teacher_euler_nfe}
+        return out | {sample_key(n, "heun"): ("heun", grid((n + 1) // 2)) for n in s.teacher_heun_nfe}
     out = {}
-    for schedule in getattr(cfg.sample, f"{model}_schedules"):
-        out[len(schedule)] = [searched_time(cfg, model) if t == "search" else t for t in schedule]
+    for schedule in getattr(s, f"{model}_schedules"):
+        out[sample_key(len(schedule))] = ("multistep", [searched_time(cfg, model) if t == "search" else t
+                                                        for t in schedule])
     return out
 
 
@@ -59,9 +72,10 @@ def class_labels(num_samples: int, label_dim: int, seed: int) -> np.ndarray | No
 
 def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples: int, batch: int, seed: int,
              device: torch.device, sigma_min: float = 0.002, progress: bool = True, uint8: str = "round",
-             teacher_clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             teacher_clip: bool = False, solver: str = "heun") -> tuple[np.ndarray, np.ndarray]:
     """num_samples images (uint8 NHWC, rounded or truncated: sample.uint8) and their labels; batch b starts from
-    the noise of seed (seed, b). teacher_clip: the teacher's Heun sampler clamps each denoised output."""
+    the noise of seed (seed, b). The teacher's solver: EDM's Heun (teacher_clip: it clamps each denoised output)
+    or Euler."""
     resolution = model.net.img_resolution
     labels = class_labels(num_samples, model.label_dim, seed)
     out = []  # uint8 batches, copied to the host without waiting: the GPU runs on to the next batch
@@ -73,7 +87,9 @@ def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples
         x_T = (torch.randn(n, 3, resolution, resolution, generator=generator) * sigmas[0]).to(device)
         y = None if labels is None else torch.as_tensor(labels[start:start + n], device=device)
         f = model if y is None else (lambda x, sigma, y=y: model(x, sigma, y))
-        if kind == "teacher":
+        if kind == "teacher" and solver == "euler":
+            x = cm.euler_sample(f, x_T, torch.tensor(sigmas))
+        elif kind == "teacher":
             x = cm.heun_sample(f, x_T, torch.tensor(sigmas), clip=teacher_clip)
         else:
             x = cm.multistep_sample(f, x_T, sigmas, generator=generator.manual_seed(seed + b + 1), sigma_min=sigma_min)
@@ -84,8 +100,9 @@ def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples
     return images, (labels if labels is not None else np.zeros(num_samples, np.int64))
 
 
-def save_grid(images: dict[int, np.ndarray], count: int, path: Path, title: str) -> None:
-    """One panel per NFE, each a square grid of the first `count` images; written atomically."""
+def save_grid(images: dict[str, np.ndarray], count: int, path: Path, title: str) -> None:
+    """One panel per sample set (key: sample_key), each a square grid of the first `count` images; written
+    atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,13 +110,14 @@ def save_grid(images: dict[int, np.ndarray], count: int, path: Path, title: str)
 
     side = max(1, int(math.sqrt(count)))
     fig, axes = plt.subplots(1, len(images), figsize=(4 * len(images), 4.4), squeeze=False)
-    for ax, (nfe, batch) in zip(axes[0], sorted(images.items())):
+    for ax, (key, batch) in zip(axes[0], images.items()):
         tiles = batch[: side * side]
         res = tiles.shape[1]
         tiles = np.concatenate([tiles, np.zeros((side * side - len(tiles), *tiles.shape[1:]), np.uint8)])
         grid = tiles.reshape(side, side, res, res, 3).transpose(0, 2, 1, 3, 4).reshape(side * res, side * res, 3)
         ax.imshow(grid, interpolation="nearest")
-        ax.set_title(f"{title}, NFE {nfe}")
+        solver, nfe = key.split("nfe")
+        ax.set_title(f"{title}, {solver.rstrip('_').capitalize() + ', ' if solver else ''}NFE {nfe}")
         ax.axis("off")
     fig.tight_layout()
     with atomic_write(path) as tmp:
@@ -114,15 +132,16 @@ def main() -> None:
     s = cfg.sample
     with tracking.stage_run(f"sample_{args.model}", cfg, tags={"model": args.model}):
         images, arrays = {}, {}
-        for nfe, sigmas in schedules(cfg, args.model).items():
+        for key, (solver, sigmas) in schedules(cfg, args.model).items():
             start = time.perf_counter()
-            images[nfe], labels = generate(model, args.model, sigmas, s.num_samples, s.batch, s.seed, device,
-                                           cfg.diffusion.sigma_min, uint8=s.uint8, teacher_clip=s.teacher_clip)
+            images[key], labels = generate(model, args.model, sigmas, s.num_samples, s.batch, s.seed, device,
+                                           cfg.diffusion.sigma_min, uint8=s.uint8, teacher_clip=s.teacher_clip,
+                                           solver=solver)
             seconds = time.perf_counter() - start
-            arrays[f"sigmas_nfe{nfe}"] = np.asarray(sigmas, np.float64)
-            tracking.log_metrics({f"nfe{nfe}_img_per_s": len(images[nfe]) / seconds})
-            print(f"{args.model}: {len(images[nfe])} samples at NFE {nfe} in {seconds:.1f} s", file=sys.stderr)
-        save_arrays(samples(cfg, args.model), labels=labels, **arrays, **{f"nfe{nfe}": x for nfe, x in images.items()})
+            arrays[f"sigmas_{key}"] = np.asarray(sigmas, np.float64)
+            tracking.log_metrics({f"{key}_img_per_s": len(images[key]) / seconds})
+            print(f"{args.model}: {len(images[key])} samples ({key}) in {seconds:.1f} s", file=sys.stderr)
+        save_arrays(samples(cfg, args.model), labels=labels, **arrays, **images)
         path = Path(figure(cfg, f"samples_{args.model}"))
         title = {"teacher": "EDM teacher (Heun)"}.get(args.model, args.model.upper())
         save_grid(images, s.grid, path, title)

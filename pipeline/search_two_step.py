@@ -9,6 +9,7 @@ the grid index finds the tau of lowest FID, assuming FID is unimodal in the inde
 search.num_samples images (seed search.seed) and scores them against the training-set statistics of
 reference_stats. Writes results/metrics/<dataset>/two_step_<model>.json (the
 chosen sigma and every probe) and a plot of FID against tau; sample.<model>_schedules use it as 'search'.
+Dataset gmm: the exact NLL gap (pipeline.gmm) in place of FID.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import cm, tracking
 from pipeline.config import stage_cli
-from pipeline.data import atomic_write, write_json
-from pipeline.evaluate import load_inception, load_references
+from pipeline.data import atomic_write, to_model_range, write_json
+from pipeline.evaluate import load_inception, load_mixture, load_references
 from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.models import compile_module, load_model
 from pipeline.sample import generate
@@ -64,8 +67,8 @@ def search_range(levels: int, indices: str) -> tuple[int, int]:
     return (0, levels - 1) if indices == "all" else (1, levels - 2)
 
 
-def plot_search(probes: dict[float, float], best: float, path: Path, title: str) -> None:
-    """FID against the intermediate time, the chosen one marked; written atomically."""
+def plot_search(probes: dict[float, float], best: float, path: Path, title: str, metric: str = "fid") -> None:
+    """FID (or the metric searched) against the intermediate time, the chosen one marked; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +78,8 @@ def plot_search(probes: dict[float, float], best: float, path: Path, title: str)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(sigmas, [probes[s] for s in sigmas], "o-")
     ax.axvline(best, color="C3", ls="--", label=f"chosen: {best:.3f}")
-    ax.set(xscale="log", xlabel="intermediate time tau (2-step sampling)", ylabel="FID", title=title)
+    ax.set(xscale="log", xlabel="intermediate time tau (2-step sampling)", ylabel={"fid": "FID"}.get(metric, metric),
+           title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -89,34 +93,45 @@ def main() -> None:
     device = setup_torch(cfg)
     d, s = cfg.diffusion, cfg.search
     model = compile_module(load_model(checkpoint(cfg, args.model), device, cfg=cfg), cfg.run.compile)
-    reference, _ = load_references(cfg)
     levels = grid_levels(cfg, args.model)
     grid = cm.karras_sigmas(levels, d.sigma_min, d.sigma_max, d.rho).tolist()
     with tracking.stage_run(f"search_{args.model}", cfg, tags={"model": args.model}) as run:
-        inception = load_inception(cfg, device)
+        metric, score = scorer(cfg, device)
 
-        def fid_at(index: int) -> float:
+        def cost_at(index: int) -> float:
             images, _ = generate(model, args.model, [d.sigma_max, grid[index]], s.num_samples, cfg.sample.batch,
                                  s.seed, device, d.sigma_min, progress=False, uint8=cfg.sample.uint8)
-            fid = frechet_distance(*feature_statistics(inception(images, progress=False).pool),
-                                   reference["mu"], reference["sigma"])
-            tracking.log_metrics({"fid": fid, "sigma": grid[index]}, step=index)
-            print(f"search_{args.model}: tau = grid[{index}] = {grid[index]:.4f}: FID {fid:.3f}", file=sys.stderr)
-            return fid
+            cost = score(images)
+            tracking.log_metrics({metric: cost, "sigma": grid[index]}, step=index)
+            print(f"search_{args.model}: tau = grid[{index}] = {grid[index]:.4f}: {metric} {cost:.3f}",
+                  file=sys.stderr)
+            return cost
 
         lo, hi = search_range(levels, s.indices)
-        best, seen = ternary_search(fid_at, lo, hi)
-        result = {"model": args.model, "sigma": grid[best], "index": best, "grid": levels,
-                  "fid": seen[best], "num_samples": s.num_samples, "mlflow_run_id": run.info.run_id,
-                  "probes": [{"index": i, "sigma": grid[i], "fid": seen[i]} for i in sorted(seen)]}
+        best, seen = ternary_search(cost_at, lo, hi)
+        result = {"model": args.model, "sigma": grid[best], "index": best, "grid": levels, "metric": metric,
+                  metric: seen[best], "num_samples": s.num_samples, "mlflow_run_id": run.info.run_id,
+                  "probes": [{"index": i, "sigma": grid[i], metric: seen[i]} for i in sorted(seen)]}
         write_json(two_step(cfg, args.model), result)
         path = Path(figure(cfg, f"two_step_{args.model}"))
         plot_search({grid[i]: f for i, f in seen.items()}, grid[best], path,
-                    f"{args.model.upper()}: 2-step FID ({s.num_samples} samples)")
-        tracking.log_metrics({"best_sigma": grid[best], "best_fid": seen[best]})
+                    f"{args.model.upper()}: 2-step {metric} ({s.num_samples} samples)", metric)
+        tracking.log_metrics({"best_sigma": grid[best], f"best_{metric}": seen[best]})
         tracking.log_artifact(path)
-    print(f"search_{args.model}: tau = {grid[best]:.4f} (index {best} of {levels}), FID {seen[best]:.3f} after "
-          f"{len(seen)} probes", file=sys.stderr)
+    print(f"search_{args.model}: tau = {grid[best]:.4f} (index {best} of {levels}), {metric} {seen[best]:.3f} "
+          f"after {len(seen)} probes", file=sys.stderr)
+
+
+def scorer(cfg, device) -> tuple[str, Callable[[np.ndarray], float]]:
+    """(name, cost of a uint8 sample set): FID against the training-set statistics; for dataset gmm, the exact NLL
+    gap in nats per dimension against the test split (pipeline.gmm), which FID would only approximate."""
+    if cfg.data.dataset == "gmm":
+        mixture, reference_nll = load_mixture(cfg)
+        return "nll_gap", lambda images: mixture.nll_per_dim(to_model_range(images).double()) - reference_nll
+    reference, _ = load_references(cfg)
+    inception = load_inception(cfg, device)
+    return "fid", lambda images: frechet_distance(*feature_statistics(inception(images, progress=False).pool),
+                                                  reference["mu"], reference["sigma"])
 
 
 if __name__ == "__main__":

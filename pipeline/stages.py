@@ -214,21 +214,33 @@ def teacher_stage(cfg: Config) -> Stage:
                  "train_teacher", training=True)
 
 
+def manifest(cfg: Config) -> str:
+    return f"{data_dir(cfg)}/manifest.json"
+
+
+def mixture(cfg: Config) -> bool:
+    """Dataset gmm: exact measures (pipeline.gmm) instead of Inception, and the proof table instead of Tables 1-2."""
+    return cfg.data.dataset == "gmm"
+
+
 def stages(cfg: Config) -> list[Stage]:
     """All stages for a resolved config (CT depends on the teacher only when it starts from it)."""
     train = split_paths(cfg, "train")
     data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional", "data.lsun_resize"]
+    data_params += ["data.gmm"] if mixture(cfg) else []
     train_params = TRAIN_PARAMS
     refs = [ref_stats(cfg), ref_features(cfg)]
     teacher = [checkpoint(cfg, "teacher")]
     out = [
         Stage("prepare_data", "python -m pipeline.prepare_data",
-              ["pipeline/prepare_data.py", "pipeline/datasets.py", "pipeline/data.py", "pipeline/config.py"],
-              train + split_paths(cfg, "test") + [f"{data_dir(cfg)}/manifest.json"], data_params, "prepare_data"),
-        Stage("reference_stats", "python -m pipeline.reference_stats",
-              train + ["pipeline/reference_stats.py", "pipeline/metrics.py"], refs,
-              data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"],
-              "evaluate"),
+              ["pipeline/prepare_data.py", "pipeline/datasets.py", "pipeline/data.py", "pipeline/config.py"]
+              + (["pipeline/gmm.py"] if mixture(cfg) else []),
+              train + split_paths(cfg, "test") + [manifest(cfg)], data_params, "prepare_data"),
+        *([] if mixture(cfg) else [
+            Stage("reference_stats", "python -m pipeline.reference_stats",
+                  train + ["pipeline/reference_stats.py", "pipeline/metrics.py"], refs,
+                  data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode",
+                                 "evaluate.inception"], "evaluate")]),
         teacher_stage(cfg),
         openai_stage(cfg, "cd") if cfg.cd.source == "openai" else
         Stage("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
@@ -245,20 +257,24 @@ def stages(cfg: Config) -> list[Stage]:
     sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid", "sample.uint8"]
     for model in ("cd", "ct"):
         if searched(cfg, model):
+            scored = [manifest(cfg)] + split_paths(cfg, "test") + ["pipeline/gmm.py"] if mixture(cfg) else refs
             out.append(Stage(f"search_{model}", f"python -m pipeline.search_two_step --model {model}",
-                             [checkpoint(cfg, model)] + refs + ["pipeline/search_two_step.py", "pipeline/sample.py"]
+                             [checkpoint(cfg, model)] + scored + ["pipeline/search_two_step.py", "pipeline/sample.py"]
                              + EVAL_CODE + CORE,
                              [two_step(cfg, model), figure(cfg, f"two_step_{model}")],
                              ["diffusion", "search", "cd.N" if model == "cd" else "ct.s1", "sample.batch",
                               "sample.uint8", "evaluate.mode", "evaluate.inception"], "evaluate"))
-    sampler_params = {"teacher": ["sample.teacher_steps", "sample.teacher_clip"], "cd": ["sample.cd_schedules"],
-                      "ct": ["sample.ct_schedules"]}
+    sampler_params = {"teacher": ["sample.teacher_steps", "sample.teacher_clip", "sample.teacher_euler_nfe",
+                                  "sample.teacher_heun_nfe"],
+                      "cd": ["sample.cd_schedules"], "ct": ["sample.ct_schedules"]}
     for model in MODELS:
         out.append(Stage(f"sample_{model}", f"python -m pipeline.sample --model {model}",
                          [checkpoint(cfg, model)] + ([two_step(cfg, model)] if searched(cfg, model) else [])
                          + ["pipeline/sample.py"] + CORE,
                          [samples(cfg, model), figure(cfg, f"samples_{model}")],
                          sample_params + sampler_params[model], "sample"))
+    if mixture(cfg):
+        return out + mixture_stages(cfg)
     for model in MODELS:
         out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
                          [samples(cfg, model)] + refs + EVAL_CODE, [metrics(cfg, model)],
@@ -291,6 +307,25 @@ def stages(cfg: Config) -> list[Stage]:
     return out
 
 
+def mixture_stages(cfg: Config) -> list[Stage]:
+    """Dataset gmm, after sampling: each model's exact measures and error, then the proof table and figure."""
+    out = []
+    for model in MODELS:
+        out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
+                         [samples(cfg, model), checkpoint(cfg, model), manifest(cfg)] + split_paths(cfg, "test")
+                         + EVAL_CODE + ["pipeline/gmm.py"] + CORE, [metrics(cfg, model)],
+                         ["evaluate.error_sigmas", "evaluate.error_samples", "sample.seed"], "evaluate"))
+    out.append(Stage("proof", "python -m pipeline.proof",
+                     [metrics(cfg, m) for m in MODELS] + [samples(cfg, m) for m in MODELS]
+                     + [manifest(cfg)] + split_paths(cfg, "train") + ["pipeline/proof.py", "pipeline/gmm.py"],
+                     proof_outputs(cfg), ["diffusion", "sample"], "evaluate"))
+    return out
+
+
+def proof_outputs(cfg: Config) -> list[str]:
+    return ["results/tables/proof.csv", "results/tables/proof.md", figure(cfg, "proof")]
+
+
 def check_writable(cfg: Config) -> None:
     """Every output folder of the DAG can be written, checked before any job starts."""
     folder = unwritable([out for stage in stages(cfg) for out in stage.outs])
@@ -300,7 +335,10 @@ def check_writable(cfg: Config) -> None:
 
 
 def targets(cfg: Config) -> list[str]:
-    """What `snakemake` with no target builds: the tables and the editing figures (Figure 3: target figure3)."""
+    """What `snakemake` with no target builds: the tables and the editing figures (Figure 3: target figure3); for
+    dataset gmm, the proof table and its figure."""
+    if mixture(cfg):
+        return proof_outputs(cfg)
     return TABLES + edit_outputs(cfg, cfg.edit.model)
 
 

@@ -153,7 +153,7 @@ def model_rows(dataset: str, model: str, result: dict | None) -> list[dict]:
     if result is None:
         note = NOT_RUN.format(dataset)
         return [method | {"nfe": nfe, "notes": note} | _paper(nfe, values) for nfe, values in paper]
-    ours = {row["nfe"]: row for row in result["rows"]}
+    ours = {row["nfe"]: row for row in result["rows"] if "sampler" not in row}  # the teacher's few-step rows: not here
     if model == "teacher" and paper and ours:
         pairs = {paper[0][0]: max(ours)}
     else:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
 from pipeline import cm
-from pipeline.gmm import SIGMA_MIN, GaussianMixture
+from pipeline.gmm import SIGMA_MIN, GaussianMixture, shape_mixture
+
+ROOT = Path(__file__).resolve().parents[1]
 
 F64 = torch.float64
 
@@ -219,3 +224,90 @@ def test_to_dict_round_trips_through_json():
     back = GaussianMixture.from_dict(json.loads(json.dumps(gm.to_dict())))
     assert torch.equal(back.weights, gm.weights) and torch.equal(back.means, gm.means)
     assert back.spread == gm.spread and back.means.dtype == F64 and back.d == 48
+
+
+# --- the generated dataset (data.dataset: gmm), its samplers, measures and the proof table's claims ----------
+
+
+def test_the_generated_mixture_is_one_a_one_step_denoiser_cannot_sample():
+    gm = shape_mixture(8, 0.1)
+    assert gm.means.shape == (8, 3, 8, 8) and gm.d == 192
+    assert torch.all(gm.weights[1:] > gm.weights[:-1])  # unequal: pi_k proportional to k + 1
+    assert gm.means.min() >= -0.6 and gm.means.max() <= 0.6  # 4 spreads inside [-1, 1]: clipping ~3e-5 per pixel
+    distances = torch.cdist(gm.means.flatten(1), gm.means.flatten(1))
+    assert distances[~torch.eye(8, dtype=torch.bool)].min() > 4  # distinct shapes: 7.0 apart at least (s = 0.1)
+    m, _ = gm.mean_and_covariance()
+    assert gm.on_mode_fraction(m.reshape(1, 3, 8, 8)) == 0.0
+    x = 80.0 * torch.randn(500, 3, 8, 8, generator=gen(30), dtype=F64)
+    one_step = cm.euler_sample(gm.denoiser, x, torch.tensor([80.0, SIGMA_MIN], dtype=F64))
+    assert torch.allclose(one_step, gm.denoiser(x, 80.0), atol=0.002 * 5)  # + (0.002/80)(x - D*), |x| < 400
+    assert gm.on_mode_fraction(one_step) == 0.0  # the exact denoiser's 1-step Euler sample: on no mode
+    # EDM's Heun with the exact D* on 18 levels lands on the modes: the teacher's sampler can be near exact.
+    heun = cm.heun_sample(gm.denoiser, x, cm.karras_sigmas(18).double())
+    assert gm.on_mode_fraction(heun) > 0.98 and gm.mode_coverage_tv(heun) < 0.06  # 500 draws: TV noise ~0.04
+
+
+def test_prepare_data_draws_the_mixture_and_records_it_in_the_manifest(tmp_path, monkeypatch):
+    from pipeline.config import load
+    from pipeline.data import load_split, to_model_range
+    from pipeline.prepare_data import prepare
+
+    cfg = load(ROOT / "params.yaml", "proof", ["data.gmm.train=300", "data.gmm.test=2000"])
+    monkeypatch.chdir(tmp_path)
+    manifest = prepare(cfg)
+    gm = GaussianMixture.from_dict(json.loads((tmp_path / "data/gmm/manifest.json").read_text())["mixture"])
+    assert torch.equal(gm.means, shape_mixture(8, 0.1).means) and manifest["source"] == "generated"
+    assert manifest["splits"]["train"]["count"] == 300 and manifest["splits"]["test"]["count"] == 2000
+    images, labels = load_split(tmp_path / "data/gmm", "test")
+    assert images.shape == (2000, 8, 8, 3) and images.dtype == "uint8"
+    y = to_model_range(images).double()
+    # uint8 rounding adds 1/127.5-wide uniform noise (std 0.0023 against s = 0.1): draws stay draws of the mixture.
+    assert torch.equal(torch.as_tensor(labels), gm.log_responsibilities(y, 0.0).argmax(1))  # labels: the component
+    assert gm.on_mode_fraction(y) == 1.0 and gm.mode_coverage_tv(y) < 0.05  # 2000 draws: TV noise ~0.02
+    assert abs(gm.nll_per_dim(y) - gm.nll_per_dim(gm.sample(2000, gen(31))[0])) < 0.02  # rounding: ~3e-4
+
+
+def test_sample_sets_of_a_samples_file_are_named_by_solver_and_nfe(tmp_path):
+    from pipeline.evaluate import sample_sets
+
+    images = {key: np.zeros((n, 8, 8, 3), np.uint8) for key, n in (("nfe35", 4), ("euler_nfe1", 2), ("heun_nfe3", 3),
+                                                                    ("euler_nfe4", 5))}
+    sigmas = {f"sigmas_{key}": np.arange(3.0) for key in images}
+    np.savez(tmp_path / "teacher.npz", labels=np.zeros(4), **images, **sigmas)
+    heads = [head for _, head, _ in sample_sets(tmp_path / "teacher.npz")]
+    assert heads == [{"nfe": 35, "num_samples": 4, "sigmas": [0.0, 1.0, 2.0]},
+                     {"nfe": 1, "num_samples": 2, "sigmas": [0.0, 1.0, 2.0], "sampler": "euler"},
+                     {"nfe": 4, "num_samples": 5, "sigmas": [0.0, 1.0, 2.0], "sampler": "euler"},
+                     {"nfe": 3, "num_samples": 3, "sigmas": [0.0, 1.0, 2.0], "sampler": "heun"}]
+
+
+def proof_table(changes: dict | None = None) -> pd.DataFrame:
+    """A proof table where every claim holds; changes: {(model, sampler, nfe): {measure: value}}."""
+    rows = {("teacher", "Euler", 1): 3.7, ("teacher", "Euler", 2): 3.6, ("teacher", "EDM Heun", 35): 0.17,
+            ("exact D*", "Euler", 1): 6.0, ("exact D*", "EDM Heun", 35): 0.10, ("CD", "Alg. 1", 1): 0.3,
+            ("CD", "Alg. 1", 2): 0.25, ("CT", "Alg. 1", 1): 0.5, ("CT", "Alg. 1", 2): 0.4}
+    table = []
+    for (model, sampler, nfe), gap in rows.items():
+        row = {"model": model, "sampler": sampler, "nfe": nfe, "nll_gap": gap, "on_mode": 0.0 if gap > 1 else 0.9,
+               "mode_tv": 0.04, "frechet": 10 * gap}
+        table.append(row | (changes or {}).get((model, sampler, nfe), {}))
+    return pd.DataFrame(table)
+
+
+def test_each_claim_of_the_proof_table_fails_when_its_numbers_break_it():
+    from pipeline import proof
+
+    assert [c.holds for c in proof.claims(proof_table(), 35)] == [True] * 5  # (i), (ii) CD, (ii) CT, (iii), (iv)
+    broken = {  # one change per claim, just past its margin, and which claims it must fail
+        "(i) CD's Frechet only 4.9x better": ({("CD", "Alg. 1", 1): {"frechet": 36 / 4.9}}, [0]),
+        "(i) CD's NLL gap not 0.2 better": ({("CD", "Alg. 1", 1): {"nll_gap": 3.6 - 0.199}}, [0]),
+        "(ii) CD 2 steps worse": ({("CD", "Alg. 1", 2): {"nll_gap": 0.3 + 0.051}}, [1]),
+        "(ii) CT 2 steps drop a mode": ({("CT", "Alg. 1", 2): {"mode_tv": 0.04 + 0.051}}, [2]),
+        "(iii) CT far from CD": ({("CT", "Alg. 1", 1): {"nll_gap": 0.3 + 6.0 / 3 + 0.001}}, [3]),
+        "(iii) CT drops a mode": ({("CT", "Alg. 1", 1): {"mode_tv": 0.04 + 0.051}}, [3]),
+        "(iv) teacher off": ({("teacher", "EDM Heun", 35): {"nll_gap": 0.10 + 0.101}}, [4]),
+        "(iv) teacher drops a mode": ({("teacher", "EDM Heun", 35): {"mode_tv": 0.101}}, [4]),
+    }
+    for name, (change, failing) in broken.items():
+        holds = [c.holds for c in proof.claims(proof_table(change), 35)]
+        assert [i for i, h in enumerate(holds) if not h] == failing, name

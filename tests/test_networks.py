@@ -51,6 +51,7 @@ def test_lsun_scale_shift_norm_is_what_separates_526m_from_553m() -> None:
     ("adm", 64, {**MICRO_ADM, "label_dim": 10}),
     ("adm", 256, {"model_channels": 4, "channel_mult": (1, 1, 2, 2, 4, 4), "num_blocks": 1,
                   "attn_resolutions": (32, 16, 8), "scale_shift_norm": False}),
+    ("mlp", 8, {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 2, "label_dim": 3}),
 ])
 def test_output_shape_and_dtype(arch: str, resolution: int, kwargs: dict) -> None:
     torch.manual_seed(0)
@@ -71,10 +72,11 @@ def test_out_channels_can_differ_from_in_channels() -> None:
     assert net(torch.randn(3, 1, 16, 16), torch.zeros(3)).shape == (3, 2, 16, 16)
 
 
-@pytest.mark.parametrize("arch", ["ncsnpp", "ddpmpp", "adm"])
+@pytest.mark.parametrize("arch", ["ncsnpp", "ddpmpp", "adm", "mlp"])
 def test_initial_output_is_near_zero(arch: str) -> None:
-    # The output conv is zero/1e-5 initialised, so an untrained F starts at ~0 (identity-like denoiser).
-    kwargs = NANO_ADM if arch == "adm" else NANO_SONG
+    # The output conv is zero/1e-5 initialised, so an untrained F starts at ~0 (identity-like denoiser); the MLP's
+    # input gain starts at 0 too.
+    kwargs = {"adm": NANO_ADM, "mlp": {"model_channels": 16, "attn_resolutions": ()}}.get(arch, NANO_SONG)
     net = build_network(arch, 16, 3, 3, **kwargs).eval()
     with torch.no_grad():
         y = net(torch.randn(2, 3, 16, 16), torch.randn(2))
@@ -87,6 +89,8 @@ def test_initial_output_is_near_zero(arch: str) -> None:
     ("ddpmpp", NANO_SONG),
     ("adm", {**NANO_ADM, "label_dim": 4}),
     ("adm", {**NANO_ADM, "scale_shift_norm": False}),
+    ("mlp", {"model_channels": 16, "channel_mult": (1, 2), "num_blocks": 2, "attn_resolutions": (), "label_dim": 4,
+             "embedding_type": "positional"}),
 ])
 def test_gradients_reach_every_parameter(arch: str, kwargs: dict) -> None:
     torch.manual_seed(0)
@@ -95,6 +99,11 @@ def test_gradients_reach_every_parameter(arch: str, kwargs: dict) -> None:
     net(torch.randn(2, 3, 16, 16), torch.randn(2), labels).square().mean().backward()
     missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_mlp_has_no_attention_to_give() -> None:
+    with pytest.raises(ValueError, match="attn_resolutions must be"):
+        build_network("mlp", 8, 3, 3, model_channels=16, attn_resolutions=(4,))
 
 
 def test_forward_mode_ad_through_attention() -> None:
