@@ -136,6 +136,20 @@ def test_ct_schedule_end_points_code_variant():
     assert n == 151 and mu == pytest.approx(math.exp(2 * math.log(0.9) / 150))
 
 
+def test_the_ct_stage_walks_the_curriculum_forwards():
+    # train_ct's own call of the schedule: N(0) = s0 at the first step, N(K) = s1 + 1 at the last, never shrinking.
+    import dataclasses
+    from pathlib import Path
+
+    from pipeline.config import load
+    from pipeline.train_ct import schedule
+
+    c = dataclasses.replace(load(Path(__file__).parents[1] / "params.yaml", "proof").ct, iterations=1000)
+    ns = [schedule(c, k)[0] for k in range(0, 1001, 50)]
+    assert ns[0] == c.s0 and ns[-1] == c.s1 + 1 and ns == sorted(ns)
+    assert schedule(dataclasses.replace(c, schedule="fixed"), 0) == (c.s1 + 1, c.mu0)
+
+
 def test_ct_schedule_grows_monotonically():
     ns = [cm.ct_schedule(k, 1000, 2, 150, 0.9)[0] for k in range(0, 1001, 50)]
     assert ns == sorted(ns) and ns[0] == 2 and ns[-1] == 151

@@ -311,3 +311,21 @@ def test_each_claim_of_the_proof_table_fails_when_its_numbers_break_it():
     for name, (change, failing) in broken.items():
         holds = [c.holds for c in proof.claims(proof_table(change), 35)]
         assert [i for i, h in enumerate(holds) if not h] == failing, name
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.hflip=true", "data.hflip: must be false for dataset gmm"),
+    ("data.gmm.spread=0.5", "data.gmm.spread: must be in [0.02, 0.1]"),
+    ("data.gmm.components=1", "data.gmm.components: must be >= 2"),
+    ("sample.teacher_heun_nfe=[2]", "sample.teacher_heun_nfe: EDM's Heun takes 2 n - 1"),
+    ("network.attn_resolutions=[4]", None),  # valid here; build_network refuses it for the MLP (test_networks)
+])
+def test_the_proof_preset_validates_and_bad_mixture_knobs_are_named(override, message):
+    from pipeline.config import ConfigError, load
+
+    assert load(ROOT / "params.yaml", "proof").data.dataset == "gmm"
+    if message is None:
+        load(ROOT / "params.yaml", "proof", [override])
+        return
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load(ROOT / "params.yaml", "proof", [override])
