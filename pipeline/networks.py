@@ -183,7 +183,11 @@ class SelfAttention(nn.Module):
         # Explicit softmax in at least fp32 rather than F.scaled_dot_product_attention: the fused kernels lack
         # forward-mode AD, which continuous-time consistency training (torch.func.jvp) needs.
         precision = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32; float64 stays float64
-        logits = torch.einsum("bncq,bnck->bnqk", q.to(precision), k.to(precision)) / math.sqrt(c // self.num_heads)
+        # q and k each scaled by d^(-1/4) before the product, not the product by d^(-1/2) after it: under fp16
+        # autocast the einsum runs as an fp16 bmm whatever q's dtype, and q.k could overflow before the division
+        # (the official fp16 code scales first too). The same logits in fp32, to rounding.
+        scale = (c // self.num_heads) ** -0.25
+        logits = torch.einsum("bncq,bnck->bnqk", q.to(precision) * scale, k.to(precision) * scale)
         a = torch.einsum("bnqk,bnck->bncq", logits.softmax(dim=-1).to(v.dtype), v)
         return (x + self.proj(a.reshape(b, c, h, w))) * self.skip_scale
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -112,6 +114,33 @@ def test_forward_mode_ad_through_attention() -> None:
     x, t = torch.randn(1, 3, 16, 16), torch.ones(1)
     _, tangent = torch.func.jvp(lambda z: net(z, t), (x,), (torch.randn_like(x),))
     assert tangent.shape == x.shape
+
+
+def test_attention_scales_q_and_k_before_their_product() -> None:
+    from pipeline.networks import SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(64, 1, eps=1e-6, skip_scale=1.0, init_qkv={}, init_zero={}).eval()
+    x = torch.randn(2, 64, 4, 4)
+
+    def divided_after(x: torch.Tensor) -> torch.Tensor:  # the textbook form: (q . k) / sqrt(d)
+        b, c, h, w = x.shape
+        q, k, v = attention.qkv(attention.norm(x)).reshape(b, 3, 1, c, h * w).unbind(1)
+        logits = torch.einsum("bncq,bnck->bnqk", q, k) / math.sqrt(c)
+        a = torch.einsum("bnqk,bnck->bncq", logits.softmax(dim=-1), v)
+        return x + attention.proj(a.reshape(b, c, h, w))
+
+    with torch.no_grad():
+        assert torch.allclose(attention(x), divided_after(x), rtol=1e-5, atol=1e-5)  # the same in fp32
+        # Under fp16 autocast the product runs in fp16 (max 65504). Weights scaled so that the largest q . k is
+        # 3 x 65504: it overflows there, while (q / 8^(1/2)) . (k / 8^(1/2)) peaks at 3 x 65504 / 8.
+        b, c = x.shape[:2]
+        q, k, _ = attention.qkv(attention.norm(x)).reshape(b, 3, 1, c, -1).unbind(1)
+        largest = torch.einsum("bncq,bnck->bnqk", q, k).abs().max()
+        attention.qkv.weight.mul_(math.sqrt(3 * 65504 / largest))
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not torch.isfinite(divided_after(x)).all()
+            assert torch.isfinite(attention(x)).all()
 
 
 def test_label_dropout_one_makes_output_label_independent() -> None:
