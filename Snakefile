@@ -89,9 +89,9 @@ onstart:
 
 onsuccess:
     for server in SERVER:
-        server.terminate()
+        tracking.stop_server(server)
 
 
 onerror:
     for server in SERVER:
-        server.terminate()
+        tracking.stop_server(server)

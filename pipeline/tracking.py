@@ -68,7 +68,8 @@ def start_server(backend_uri: str, artifacts: str = "mlartifacts",
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
                                "--artifacts-destination", str(Path(artifacts).resolve()), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # its own process group: stop_server ends its workers too
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -80,6 +81,24 @@ def start_server(backend_uri: str, artifacts: str = "mlartifacts",
             time.sleep(0.5)
     server.terminate()
     raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:.0f} s")
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 30.0) -> None:
+    """End a start_server process and its workers, and return only when all of them are gone: SIGTERM to its
+    process group, then SIGKILL to what is left after `timeout` seconds (a loaded machine can take seconds)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)  # start_new_session: the server leads its own process group
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            server.poll()  # reap the leader: unreaped, it would keep the group alive
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
