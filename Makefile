@@ -9,7 +9,7 @@ CORES ?= 2
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo proof test test-fast lint bench repro push pull dag clean-results
+.PHONY: setup demo proof compare test test-fast lint bench repro push pull dag clean-results
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: setup
 proof: setup
 	snakemake --cores $(CORES) --config preset=proof
 	@cat results/tables/proof.md
+
+# The experiments of params.yaml's compare: side by side (shared stages run once): results/tables/compare.md
+compare: setup
+	snakemake --cores $(CORES) results/tables/compare.csv
+	@cat results/tables/compare.md
 
 # Two workers (pytest-xdist; one file's tests on one worker), and the 20 slowest tests at the end.
 PYTEST_WORKERS ?= $(CORES)
@@ -52,7 +57,7 @@ dvc.yaml: params.yaml pipeline/stages.py
 
 repro: setup dvc.yaml
 	test -d .dvc || dvc init -q
-	dvc repro tables
+	dvc repro publish
 
 # Versioned outputs (params.yaml dvc.remote): push what was built; in a fresh clone, pull it (nothing re-runs).
 push: setup dvc.yaml
@@ -65,6 +70,6 @@ dag: setup
 	snakemake --dag results/tables/table1.csv | dot -Tpng > results/figures/dag.png
 
 clean-results:
-	rm -rf $(foreach d,cifar10 imagenet64 lsun_bedroom lsun_cat gmm,data/$(d)/*.npy data/$(d)/*.npz data/$(d)/manifest.json) \
-	    checkpoints samples results/metrics results/tables \
-	    results/ablations results/figures .snakemake mlflow.db mlflow.db.lock mlartifacts
+	rm -rf $(foreach d,cifar10 imagenet64 lsun_bedroom lsun_cat gmm,data/$(d)) checkpoints samples results/metrics \
+	    results/tables results/ablations results/figures $(filter-out results/bench/ results/gpu/,$(wildcard results/*/)) \
+	    .snakemake mlflow.db mlflow.db.lock mlartifacts

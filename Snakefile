@@ -5,6 +5,9 @@
 #
 #   snakemake --cores 2                                  # local, the preset params.yaml selects
 #   snakemake --cores 2 --config preset=proof            # another preset (here: Does it work? see README)
+#   snakemake --cores 2 --config experiment=tiny_l1      # a named experiment of params.yaml
+#   snakemake --cores 2 --config preset=tiny set='["cd.N=9"]' name=tiny_N9   # a variant named on the command line
+#   snakemake --cores 2 results/tables/compare.csv       # the experiments of params.yaml's compare:, side by side
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
 import os
 import shutil
@@ -14,43 +17,64 @@ import sys
 from snakemake.exceptions import WorkflowError
 
 from pipeline import tracking
-from pipeline.config import ConfigError, LpipsWeightsMissing, check_data_source, check_lpips_weights, load
-from pipeline.stages import check_writable, misfit, read_partitions, slurm_resources, stages, targets
+from pipeline.config import (ConfigError, LpipsWeightsMissing, check_data_source, check_lpips_weights, compare_names,
+                             experiment, selected)
+from pipeline.stages import (check_writable, compare_stage, misfit, old_layout, publish_stage, read_partitions,
+                             slurm_resources, stages, targets)
 
-# `snakemake --config preset=proof` runs another preset than params.yaml's (every stage command gets --preset).
-PRESET = config.get("preset")
-if set(config) - {"preset"}:
-    raise WorkflowError(f"--config: only preset=<name> is read (got {', '.join(sorted(config))}); every other knob "
-                        "lives in params.yaml")
+# The experiment: params.yaml's, or --config experiment=NAME | preset=NAME [set='["key=value", ...]' name=NAME]. Its stages
+# and those of the experiments in params.yaml's compare: are rules; stages two experiments agree on (same outputs:
+# the same params and inputs) are one rule, run once.
 try:
-    CFG = load("params.yaml", preset=PRESET)
-    check_data_source(CFG)
-    check_writable(CFG)
-    check_lpips_weights(CFG)
+    SELECTED = selected("params.yaml", config)
+    EXPERIMENTS = {SELECTED.name: SELECTED} | {n: experiment("params.yaml", n) for n in compare_names("params.yaml")}
+    CFGS = {}
+    for name, chosen in EXPERIMENTS.items():
+        try:
+            CFGS[name] = cfg = chosen.load("params.yaml")
+        except ConfigError as e:
+            raise ConfigError(f"experiment {name}: {e}") from None
+        check_data_source(cfg)
+        check_writable(cfg)
+        check_lpips_weights(cfg)
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None
+CFG = CFGS[SELECTED.name]
+for line in old_layout(CFG):
+    print(f"warning: {line}", file=sys.stderr)
 
 SERVER = []  # the MLflow server of run.tracking_server, stopped when the workflow ends
+RULES = {}  # first output -> (rule name, stage, experiment)
+for name, cfg in CFGS.items():
+    own = stages(cfg) + ([publish_stage(cfg)] if name == SELECTED.name else [])
+    for stage in own:
+        if stage.outs[0] in RULES:
+            continue  # the same stage of an experiment seen before: one rule
+        suffix = "" if name == SELECTED.name else "__" + "".join(c if c.isalnum() else "_" for c in name)
+        RULES[stage.outs[0]] = (stage.name + suffix, stage, EXPERIMENTS[name], cfg)
+COMPARE = compare_stage({n: CFGS[n] for n in compare_names("params.yaml")})
+RULES[COMPARE.outs[0]] = ("compare", COMPARE, SELECTED, CFG)
+
 
 rule all:
     input:
         targets(CFG),
 
 
-for stage in stages(CFG):
-    request = CFG.resources[stage.resources]
-    slurm = slurm_resources(CFG, stage)  # nodes, tasks, GPUs, warning signal (see pipeline/stages.py)
+for rule_name, stage, chosen, cfg in RULES.values():
+    request = cfg.resources[stage.resources]
+    slurm = slurm_resources(cfg, stage)  # nodes, tasks, GPUs, warning signal (see pipeline/stages.py)
 
     rule:
         name:
-            stage.name
+            rule_name
         input:
             stage.deps,
         output:
             stage.outs,
         params:
-            values=stage.param_values(CFG),  # a change of any tracked knob re-runs the rule
-            cmd=stage.cmd + (f" --preset {PRESET}" if PRESET else ""),  # bound now: `shell:` runs after the loop
+            values=stage.param_values(cfg) if stage.params else stage.key,  # a change of a tracked knob re-runs it
+            cmd=stage.cmd + chosen.cli_args(),  # bound now: `shell:` runs after the loop
         threads: request.cpus
         conda:
             "envs/pipeline.yaml"  # used with --software-deployment-method conda (cluster nodes without our venv)
@@ -63,9 +87,11 @@ for stage in stages(CFG):
 onstart:
     # Training on several nodes starts with srun: it needs the SLURM executor, or a SLURM allocation around us.
     executor = workflow.executor_plugin.name if workflow.executor_plugin else "local"
+    planned = {job.rule.name for job in workflow.dag.needrun_jobs()}  # what this call runs, of every experiment
+    jobs = [(stage, chosen.name, cfg) for rule_name, stage, chosen, cfg in RULES.values() if rule_name in planned]
     if executor != "slurm" and not os.environ.get("SLURM_JOB_ID"):
-        for stage in stages(CFG):
-            request = CFG.resources[stage.resources]
+        for stage, _, cfg in jobs:
+            request = cfg.resources[stage.resources]
             if stage.training and request.launcher == "srun":
                 raise WorkflowError(f"resources.{stage.resources}: {request.nodes} node(s) x {request.per_node} "
                                     f"processes start with srun: run with --profile slurm (or inside salloc), not "
@@ -75,10 +101,12 @@ onstart:
         # is SBATCH_PARTITION's (the profile's way to choose one), else the cluster's default.
         sinfo = subprocess.run(["sinfo", "-h", "-o", "%P|%c|%m|%G|%D"], capture_output=True, text=True).stdout
         partition = read_partitions(sinfo).get(os.environ.get("SBATCH_PARTITION", ""))
-        if partition is not None and (problem := misfit(CFG, partition)):
-            raise WorkflowError(problem)
+        for name, cfg in CFGS.items():
+            names = {stage.name for stage, owner, _ in jobs if owner == name}
+            if partition is not None and names and (problem := misfit(cfg, partition, names)):
+                raise WorkflowError(problem)
     serve = CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI")  # a user's server wins
-    tracking.setup(CFG)  # create the MLflow store once, before parallel jobs race to do it
+    tracking.parent_run(CFG)  # the store, the experiment and its parent run, once, before parallel jobs race to
     if serve:
         # Jobs inherit the environment: they log through the server, which alone writes the SQLite file.
         server, url = tracking.start_server(CFG.run.tracking_uri)

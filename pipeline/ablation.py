@@ -6,9 +6,10 @@
 A run is the cd or ct section with a few knobs changed (ablation.runs: metric, solver and N for CD; fixed
 versus adaptive N and mu for CT). Every ablation.eval_every iterations the EMA model draws
 ablation.num_samples 1-step samples, scored by FID against reference_stats. Each run is an MLflow run
-tagged ablation=figure3, run=<name>, panels=<its panels> and its knobs, with the metric fid_1step per
-iteration, so the MLflow UI compares a panel's runs side by side. Writes results/ablations/<dataset>/<run>.json
-and checkpoints/<dataset>/ablations/<run>.pt; figure3 writes results/figures/<dataset>/figure3_<panel>.png.
+tagged ablation=figure3, run=ablation_run=<name>, panels=<its panels> and its knobs, whose params are its section
+with the knobs in, with the metric fid_1step and an image samples_1step (a grid of the scored samples) per
+iteration, so the MLflow UI compares a panel's runs side by side. Writes the run's result JSON, its curve as CSV
+(dvc plots) and its checkpoint; figure3 one PNG per panel (python -m pipeline.stages prints the paths).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch
 
 from pipeline import distill_cd, tracking, train_ct
 from pipeline.config import Config, ablation_section, add_arguments, from_args
-from pipeline.data import atomic_write, write_json
+from pipeline.data import atomic_write, write_json, write_text
 from pipeline.evaluate import load_inception, load_references
 from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.sample import generate
-from pipeline.stages import ablation_checkpoint, ablation_result, figure3, training_io
+from pipeline.stages import ablation_checkpoint, ablation_curve, ablation_result, figure3, training_io
 from pipeline.training import setup_training
 
 TRAINERS = {"cd": distill_cd.trainer, "ct": train_ct.trainer}
@@ -45,17 +46,25 @@ def panels_of(cfg: Config, name: str) -> list[str]:
     return [panel for panel, names in cfg.ablation.panels.items() if name in names]
 
 
+def knobs_of(cfg: Config, name: str) -> dict:
+    return {k: v for k, v in cfg.ablation.runs[name].items() if k != "model"}
+
+
+def run_tags(cfg: Config, name: str) -> dict[str, str]:
+    """The MLflow tags of one run: the UI filters a panel's runs (ablation_run set, panels) and shows their knobs."""
+    return {"ablation": "figure3", "run": name, "ablation_run": name, "panels": ",".join(panels_of(cfg, name)),
+            **{f"knob.{k}": str(v) for k, v in knobs_of(cfg, name).items()}}
+
+
 def train_run(cfg: Config, name: str) -> dict | None:
     """Train one run (on every rank of the launch); rank 0 scores it and returns the result, the others None."""
     ctx = setup_training(cfg)
     device = ctx.device
     model, section = run_section(cfg, name)
     a, d = cfg.ablation, cfg.diffusion
-    knobs = {k: v for k, v in cfg.ablation.runs[name].items() if k != "model"}
-    tags = {"ablation": "figure3", "run": name, "panels": ",".join(panels_of(cfg, name)),
-            **{f"knob.{k}": str(v) for k, v in knobs.items()}}
+    knobs = knobs_of(cfg, name)
     io = training_io(cfg, model, stage=f"ablate_{name}", output=ablation_checkpoint(cfg, name))
-    training, fit_args = TRAINERS[model](cfg, section, ctx, tags=tags, **io)
+    training, fit_args = TRAINERS[model](cfg, section, ctx, tags=run_tags(cfg, name), **io)
     if ctx.main:  # rank 0 scores the EMA model; the others wait for it at the next step's gradient exchange
         reference, _ = load_references(cfg)
         inception = load_inception(cfg, device)
@@ -74,6 +83,7 @@ def train_run(cfg: Config, name: str) -> dict | None:
                                    reference["mu"], reference["sigma"])
             training.evaluations.append({"iteration": done, "fid": fid})
             tracking.log_metrics({"fid_1step": fid}, step=done)
+            tracking.log_image(tracking.grid(images, 64), key="samples_1step", step=done)
         return logs
 
     training.fit(**{**fit_args, "after_step": after_step})
@@ -84,6 +94,8 @@ def train_run(cfg: Config, name: str) -> dict | None:
               "num_samples": a.num_samples, "evaluations": training.evaluations,
               "mlflow_run_id": training.run_id}
     write_json(ablation_result(cfg, name), result)
+    curve = "iteration,fid_1step\n" + "".join(f"{e['iteration']},{e['fid']}\n" for e in training.evaluations)
+    write_text(ablation_curve(cfg, name), curve)  # dvc plots
     last = training.evaluations[-1]
     print(f"ablate_{name}: FID {last['fid']:.2f} (1 step) at iteration {last['iteration']}", file=sys.stderr)
     return result

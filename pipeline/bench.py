@@ -24,6 +24,7 @@ import functools
 import gc
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -298,7 +299,12 @@ def run(args: argparse.Namespace) -> Path:
         write_synthetic_workspace(base, images=max(2 * batch, 64))
 
         def config_for(variant: str, *sets: str) -> Config:
-            return load(config, args.preset, [*args.set, *weights, *sets, *variant_sets(variant)])
+            cfg = load(config, args.preset, [*args.set, *weights, *sets, *variant_sets(variant)])
+            teacher = Path(checkpoint(cfg, "teacher"))
+            if not teacher.exists():  # run.* knobs of a variant are part of the teacher's key: the same random teacher
+                teacher.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(checkpoint(base, "teacher"), teacher)
+            return cfg
 
         peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
         if cuda:

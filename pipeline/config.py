@@ -11,7 +11,9 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import json
 import os
+import re
 import sys
 import types
 import typing
@@ -49,12 +51,19 @@ def _one_line_errors(kind, value, traceback) -> None:
 # Schema: one dataclass per section. Field types are checked; `problems()` checks values.
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # an experiment's name: a folder name, also in MLflow
+RESERVED = ("tables", "gpu", "bench")  # folders of results/ that are not experiments
+
+
 @dataclass(frozen=True)
 class Run:
+    name: str | None  # the experiment: its tables are results/<name>/ (None: the preset expression, e.g. tiny)
+    paths: Literal["keyed", "named"]  # keyed: a stage's outputs carry the fingerprint of its params and inputs
+    # (experiments share equal stages); named: every output under the experiment's name (dvc.yaml: DVC keeps variants)
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     threads: int  # torch CPU threads; 0 = leave torch's default
-    experiment: str
+    experiment: str  # the MLflow experiment every run goes to (one parent run per experiment name)
     tracking_uri: str  # the environment variable MLFLOW_TRACKING_URI wins when set
     tracking_server: bool  # Snakemake starts `mlflow server` on 127.0.0.1 over tracking_uri for its jobs
     mixed_precision: Literal["none", "fp16", "bf16"]  # autocast of training passes (Table 3: fp16); fp16: CUDA only
@@ -65,7 +74,10 @@ class Run:
     data_placement: Literal["auto", "device", "stream"]  # training split on the GPU, or streamed by a thread
 
     def problems(self) -> list[tuple[str, str]]:
-        return [("threads", "must be >= 0")] if self.threads < 0 else []
+        out = [("threads", "must be >= 0")] if self.threads < 0 else []
+        if self.name is not None and (not NAME.fullmatch(self.name) or self.name in RESERVED):
+            out.append(("name", f"letters, digits and _ . + - (a folder name), not {', '.join(RESERVED)}"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -483,6 +495,11 @@ class Config:
     resources: dict[str, Resources] = field(default_factory=dict)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the resolved plain dict
 
+    @property
+    def name(self) -> str:
+        """The experiment's name: run.name, else the preset expression."""
+        return self.run.name or self.preset
+
     def section(self, dotted: str) -> Any:
         """The resolved plain value at a dotted key, e.g. 'ct' or 'run.seed'."""
         value: Any = self.raw
@@ -599,6 +616,8 @@ def resolve(params: dict, preset: str | None = None, overrides: dict | None = No
     """
     params = dict(params)
     presets = params.pop("presets", {}) or {}
+    params.pop("experiments", None)  # read by experiment(), compare_names()
+    params.pop("compare", None)
     chosen = preset or params.pop("preset", None)
     params.pop("preset", None)
     follow = (overrides or {}).get("follow", params.pop("follow", "paper"))
@@ -754,15 +773,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, overrides: list[str] = ()) -> Config:
     """Read params.yaml, apply the preset and `--set` overrides and CIFAR10_SOURCE, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (run from the repository root or pass --config)")
-    try:
-        params = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except _DuplicateKey as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    params = _read(path)
     merged: dict = {}
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
@@ -770,6 +781,93 @@ def load(path: str | os.PathLike = "params.yaml", preset: str | None = None, ove
     if os.environ.get(ENV_SOURCE) and resolved.get("data", {}).get("dataset") == "cifar10":
         resolved["data"]["source"] = os.environ[ENV_SOURCE]
     return validate(resolved, str(path))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named variant: a preset expression and knobs set on top of it. `experiments:` in params.yaml names some;
+    any preset expression is one too (its name is the expression)."""
+
+    name: str
+    preset: str | None  # None: params.yaml's `preset:`
+    overrides: tuple[str, ...] = ()  # KEY=VALUE, as --set takes them (run.name=<name> among them when named)
+
+    def cli_args(self) -> str:
+        """What every stage command of this experiment is given: --preset and one --set per knob."""
+        import shlex
+
+        return "".join([f" --preset {shlex.quote(self.preset)}" if self.preset else ""]
+                       + [f" --set {shlex.quote(o)}" for o in self.overrides])
+
+    def load(self, path: str | os.PathLike = "params.yaml") -> Config:
+        return load(path, self.preset, list(self.overrides))
+
+
+def knob(key: str, value: Any) -> str:
+    """A --set KEY=VALUE for a plain value (JSON is YAML: --set reads it back unchanged)."""
+    return f"{key}={value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)}"
+
+
+def _read(path: str | os.PathLike) -> dict:
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
+    except OSError:
+        raise ConfigError(f"{path}: not found (run from the repository root or pass --config)") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def experiment(path: str | os.PathLike, name: str) -> Experiment:
+    """The experiment `name`: an entry of params.yaml's `experiments:` ({preset: ..., set: {key: value}}), else
+    a preset expression. Checked: the entry's keys, and that its config loads."""
+    named = _read(path).get("experiments") or {}
+    if not isinstance(named, dict):
+        raise ConfigError(f"{path}: experiments: expected a mapping of name -> {{preset: ..., set: {{key: value}}}}")
+    if name not in named:
+        return Experiment(name, name)
+    body = named[name] or {}
+    where = f"{path}: experiments.{name}"
+    if not isinstance(body, dict) or set(body) - {"preset", "set"}:
+        raise ConfigError(f"{where}: expected {{preset: <name>, set: {{key: value, ...}}}}; got {body!r}")
+    knobs = body.get("set") or {}
+    if not isinstance(knobs, dict):
+        raise ConfigError(f"{where}.set: expected a mapping of dotted key -> value, e.g. {{cd.metric: l1}}")
+    return Experiment(name, body.get("preset"), tuple(knob(k, v) for k, v in knobs.items()) + (f"run.name={name}",))
+
+
+def selected(path: str | os.PathLike, options: dict) -> Experiment:
+    """The experiment `snakemake --config ...` asks for: experiment=NAME (of params.yaml's experiments:, or a preset
+    expression), or preset=P (default: params.yaml's) with knobs set='["cd.metric=l1", ...]' under name=NAME
+    (required with knobs: a variant needs a name of its own for its tables)."""
+    options = dict(options)
+    name, preset = options.pop("experiment", None), options.pop("preset", None)
+    run_name, sets = options.pop("name", None), options.pop("set", [])
+    if options:
+        raise ConfigError(f"--config {next(iter(options))}: unknown; give experiment=NAME, or preset=NAME with "
+                          "set='[\"cd.metric=l1\", ...]' and name=NAME (a knob's dotted key is not a --config key)")
+    overrides = [str(s) for s in ([sets] if isinstance(sets, str) else sets)]
+    for text in overrides:
+        parse_override(text)  # KEY=VALUE, checked now
+    if name is not None:
+        if preset is not None or overrides or run_name is not None:
+            raise ConfigError("--config experiment=NAME selects a whole experiment: put its knobs in params.yaml "
+                              "experiments:, or give preset=..., set=... and name=... instead")
+        return experiment(path, name)
+    if overrides and run_name is None:
+        raise ConfigError(f"--config set={overrides}: name this variant with name=NAME (its tables go to "
+                          "results/NAME/; without a name they would replace the preset's)")
+    overrides += [f"run.name={run_name}"] if run_name is not None else []
+    return Experiment(str(run_name or preset or _read(path).get("preset") or ""), preset, tuple(overrides))
+
+
+def compare_names(path: str | os.PathLike = "params.yaml") -> list[str]:
+    """The experiments of results/tables/compare.{csv,md} (params.yaml `compare:`)."""
+    names = _read(path).get("compare") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: compare: expected a list of experiment names; got {names!r}")
+    return names
 
 
 def check_data_source(cfg: Config) -> None:

@@ -38,7 +38,7 @@ from pipeline.data import atomic_write, load_split, to_model_range, to_uint8, wr
 from pipeline.evaluate import load_inception
 from pipeline.metrics import feature_statistics, frechet_distance, load_reference_stats
 from pipeline.models import Preconditioned, checkpoint_meta, load_model
-from pipeline.stages import checkpoint, data_dir, edit_outputs, figure, ref_stats
+from pipeline.stages import checkpoint, data_dir, edit_figure, edit_outputs, ref_stats
 from pipeline.training import setup_torch
 
 TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
@@ -47,7 +47,7 @@ STROKE_BLOCK, STROKE_LEVELS = 4, 4
 
 
 def figure_path(cfg: Config, task: str) -> Path:
-    return Path(figure(cfg, f"editing_{task}"))
+    return Path(edit_figure(cfg, task))
 
 
 def metrics_path(cfg: Config, model: str) -> Path:

@@ -1,6 +1,6 @@
 """Edit one image with a trained consistency model, zero-shot (paper Algorithm 4, Appendix D).
 
-    python -m pipeline.edit_image INPUT OUTPUT --task TASK [--checkpoint checkpoints/cifar10/cd.pt] [options]
+    python -m pipeline.edit_image INPUT OUTPUT --task TASK --checkpoint CKPT [options]
 
     --task inpainting        INPUT: 32x32 image. --mask: a PNG/JPEG of the same size (white = fill in,
                              black = keep) or one of center, left_half, random_pixels.
@@ -17,9 +17,10 @@ shows it. The model's resolution is 32x32 (CIFAR-10). Bad input (an unreadable f
 mask of another size, an unknown task, a missing checkpoint) is reported in one line on stderr, exit code 2.
 
 Examples:
-    python -m pipeline.edit_image photo.png out.png --task inpainting --mask center
-    python -m pipeline.edit_image small16.png out.png --task super_resolution --factor 2 \
-        --checkpoint checkpoints/cifar10/ct.pt
+    python -m pipeline.edit_image photo.png out.png --task inpainting --mask center --checkpoint CKPT
+    python -m pipeline.edit_image small16.png out.png --task super_resolution --factor 2 --checkpoint CKPT
+
+CKPT: a CD or CT checkpoint; `python -m pipeline.stages` prints where params.yaml's experiment keeps them.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("input", help="the image to edit (PNG, JPEG, ...)")
     parser.add_argument("output", help="where to write the edited image (PNG)")
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--checkpoint", default="checkpoints/cifar10/cd.pt", help="a CD or CT checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="a CD or CT checkpoint (python -m pipeline.stages)")
     parser.add_argument("--mask", help="inpainting: mask image (white = fill in) or " + ", ".join(editing.MASKS))
     parser.add_argument("--factor", type=int, help="super-resolution factor p, a divisor of 32 (default 2)")
     parser.add_argument("--steps", type=int, default=18, help="Karras grid size of Algorithm 4 (steps - 1 NFE)")

@@ -5,8 +5,9 @@ model's samples, all from one Inception pass per NFE.
 
 FID against the training-set statistics of reference_stats; KID and precision/recall (k-NN manifolds,
 k = evaluate.pr_k, as the ADM evaluator) against its reference features; same Inception weights and
-clean-fid mode. Writes results/metrics/<dataset>/<model>.json, one entry per sample set (NFE, and the teacher's
-few-step solvers). Dataset gmm: no Inception; the exact measures of pipeline.gmm instead (evaluate_mixture).
+clean-fid mode. Writes the model's metrics JSON (python -m pipeline.stages prints its path), one entry per sample
+set (NFE, and the teacher's few-step solvers), and a flat summary beside it for DVC. Dataset gmm: no Inception;
+the exact measures of pipeline.gmm instead (evaluate_mixture).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pipeline.metrics import (
     precision_recall,
 )
 from pipeline.models import load_model
-from pipeline.stages import MODELS, checkpoint, data_dir, metrics, ref_features, ref_stats, samples
+from pipeline.stages import MODELS, checkpoint, data_dir, metrics, ref_features, ref_stats, samples, summary
 from pipeline.training import setup_torch
 
 NO_LOGITS = "IS unavailable: {} Inception weights have no classifier layer"
@@ -156,6 +157,7 @@ def main() -> None:
             write_json(metrics(cfg, args.model), {"model": args.model, "dataset": cfg.data.dataset,
                                                   "preset": cfg.preset, "mlflow_run_id": run.info.run_id,
                                                   "training": _training_summary(cfg, args.model)} | result)
+            write_json(summary(cfg, args.model), flat(sets, result["rows"], MIXTURE_LOGGED))
         return
     reference, reference_features = load_references(cfg)
     with tracking.stage_run(f"evaluate_{args.model}", cfg, tags={"model": args.model}) as run:
@@ -174,6 +176,13 @@ def main() -> None:
             "pr_ref_images": len(reference_features), "pr_k": e.pr_k,
             "training": _training_summary(cfg, args.model),
         })
+        write_json(summary(cfg, args.model), flat(sets, rows, LOGGED))
+
+
+def flat(sets: list, rows: list[dict], names) -> dict[str, float]:
+    """{'fid_nfe1': 12.3, ...}: one number per (measure, sample set), named as in MLflow, for DVC's metrics."""
+    return {f"{name}_{key}": row[name] for (key, _, _), row in zip(sets, rows) for name in names
+            if row.get(name) is not None}
 
 
 def _training_summary(cfg, model: str) -> str:

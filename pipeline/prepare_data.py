@@ -118,7 +118,7 @@ def read_source(cfg: Config) -> dict[str, RawSplit]:
         return raw_splits(spec, Path(source).expanduser(), workers=cfg.data.workers,
                           lsun_resize=cfg.data.lsun_resize)
     if source == "torchvision":
-        splits = read_torchvision(Path(data_dir(cfg)) / "download")
+        splits = read_torchvision(Path("data/downloads") / cfg.data.dataset)  # one download, every data key
     else:
         path = Path(source).expanduser()
         if not path.exists():

@@ -2,12 +2,12 @@
 
     python -m pipeline.proof [--config params.yaml]          # after evaluate_{teacher,cd,ct} on dataset gmm
 
-Reads results/metrics/gmm/<model>.json (the exact measures of every sample set and each model's error against the
-exact answer) and writes results/tables/proof.{csv,md} and results/figures/gmm/proof.png. Beside the trained models
-it measures, with the same measures: true draws (the train split: the floor a perfect sampler reaches at this
-sample size) and the exact denoiser D* under the teacher's samplers (what the teacher would reach if it had learned
-D* exactly: the sampler's own error). The Markdown states the paper's four claims, each with the margin it must hold
-by, and whether it holds here:
+Reads each model's metrics (the exact measures of every sample set and each model's error against the exact
+answer) and writes results/<experiment>/tables/proof.{csv,md,png} (results/tables/: the selected one's copy).
+Beside the trained models it measures, with the same measures: true draws (the train split: the floor a perfect
+sampler reaches at this sample size) and the exact denoiser D* under the teacher's samplers (what the teacher would
+reach if it had learned D* exactly: the sampler's own error). The Markdown states the paper's four claims, each with
+the margin it must hold by, and whether it holds here:
 
   (i)   CD with 1 step is far better than the teacher with the same 1 and 2 network evaluations;
   (ii)  2 steps are at least as good as 1 step, for CD and for CT;

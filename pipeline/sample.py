@@ -27,7 +27,7 @@ from pipeline import cm, tracking
 from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, save_arrays, uint8_on_device
 from pipeline.models import compile_module, load_model
-from pipeline.stages import MODELS, checkpoint, figure, samples, two_step
+from pipeline.stages import MODELS, checkpoint, sample_grid, samples, two_step
 from pipeline.training import setup_torch
 
 
@@ -142,7 +142,7 @@ def main() -> None:
             tracking.log_metrics({f"{key}_img_per_s": len(images[key]) / seconds})
             print(f"{args.model}: {len(images[key])} samples ({key}) in {seconds:.1f} s", file=sys.stderr)
         save_arrays(samples(cfg, args.model), labels=labels, **arrays, **images)
-        path = Path(figure(cfg, f"samples_{args.model}"))
+        path = Path(sample_grid(cfg, args.model))
         title = {"teacher": "EDM teacher (Heun)"}.get(args.model, args.model.upper())
         save_grid(images, s.grid, path, title)
         tracking.log_artifact(path)

@@ -27,7 +27,7 @@ from pipeline.evaluate import load_inception, load_mixture, load_references
 from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.models import compile_module, load_model
 from pipeline.sample import generate
-from pipeline.stages import checkpoint, figure, two_step
+from pipeline.stages import checkpoint, search_figure, two_step
 from pipeline.training import setup_torch
 
 
@@ -113,7 +113,7 @@ def main() -> None:
                   metric: seen[best], "num_samples": s.num_samples, "mlflow_run_id": run.info.run_id,
                   "probes": [{"index": i, "sigma": grid[i], metric: seen[i]} for i in sorted(seen)]}
         write_json(two_step(cfg, args.model), result)
-        path = Path(figure(cfg, f"two_step_{args.model}"))
+        path = Path(search_figure(cfg, args.model))
         plot_search({grid[i]: f for i, f in seen.items()}, grid[best], path,
                     f"{args.model.upper()}: 2-step {metric} ({s.num_samples} samples)", metric)
         tracking.log_metrics({"best_sigma": grid[best], f"best_{metric}": seen[best]})

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ TRAIN_PARAMS = ["run.seed", "run.mixed_precision", "run.dtype", "run.tf32", "dat
 EVAL_CODE = ["pipeline/metrics.py", "pipeline/evaluate.py"]
 TABLES = ["results/tables/table1.csv", "results/tables/table1.md", "results/tables/table2.csv",
           "results/tables/table2.md"]
+COMPARE = ["results/tables/compare.csv", "results/tables/compare.md"]
+PROOF = ["results/tables/proof.csv", "results/tables/proof.md", "results/tables/proof.png"]
 EDIT_TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
 
 
@@ -38,15 +41,112 @@ class Stage:
     params: list[str]  # dotted keys of params.yaml whose values the outputs depend on
     resources: str  # key of params.yaml's `resources` section
     training: bool = False  # data-parallel: launched by pipeline.launch on the processes `resources` asks for
+    key: str = ""  # in the names of its outputs (see stage_key)
 
     def param_values(self, cfg: Config) -> str:
         """The resolved values of this stage's params, as stable JSON (Snakemake reruns when it changes)."""
         return json.dumps({key: cfg.section(key) for key in self.params}, sort_keys=True)
 
 
-# Every path carries the dataset, so runs of several presets can share a workspace.
+# Where outputs live. run.paths keyed: a stage's files carry its key, a fingerprint of its params and of the keys of
+# the stages it reads (checkpoints/cifar10/cd-1a2b3c4d.pt), so experiments that agree on a stage share its outputs
+# and the others never overwrite them. run.paths named: everything of experiment E under E (checkpoints/E/cd.pt).
+# Only an experiment's tables are named in both: results/<name>/tables/.
+UNKEYED = ("data.source", "data.workers")  # where the same images come from, and how fast: not part of a key
+
+
+def stage_key(cfg: Config, name: str, params: list[str], upstream: list[str]) -> str:
+    """The key of stage `name`: the experiment's name (paths named), or 8 hex digits of the SHA-256 of the stage's
+    name, its param values and its upstream stages' keys (paths keyed)."""
+    if cfg.run.paths == "named":
+        return cfg.name
+    values = {key: cfg.section(key) for key in params}
+    for dotted in UNKEYED:
+        section, _, knob = dotted.partition(".")
+        if isinstance(values.get(section), dict):
+            values[section] = {k: v for k, v in values[section].items() if k != knob}
+        values.pop(dotted, None)
+    text = json.dumps({"stage": name, "params": values, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _file(cfg: Config, folder: str, named_folder: str, stem: str, key: str, suffix: str) -> str:
+    """keyed: <folder>/<dataset>/<stem>-<key><suffix>; named: <named_folder>/<name>/<stem><suffix>."""
+    if cfg.run.paths == "named":
+        return f"{named_folder}/{key}/{stem}{suffix}"
+    return f"{folder}/{cfg.data.dataset}/{stem}-{key}{suffix}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The keys of one experiment's stages, and from them every output path."""
+
+    cfg: Config
+    keys: dict[str, str]  # stage name -> key
+
+    def data_dir(self) -> str:
+        key = self.keys["prepare_data"]
+        return f"data/{key}" if self.cfg.run.paths == "named" else f"data/{self.cfg.data.dataset}/{key}"
+
+    def ref_stats(self) -> str:
+        return _file(self.cfg, "data", "data", "fid_ref", self.keys["reference_stats"], ".npz")
+
+    def ref_features(self) -> str:
+        return _file(self.cfg, "data", "data", "ref_features", self.keys["reference_stats"], ".npy")
+
+    def checkpoint(self, model: str) -> str:
+        return _file(self.cfg, "checkpoints", "checkpoints", model, self.keys[model], ".pt")
+
+    def figure(self, stage: str, name: str) -> str:
+        return _file(self.cfg, "results/figures", "results", f"figures/{name}" if self.cfg.run.paths == "named"
+                     else name, self.keys[stage], ".png")
+
+    def samples(self, model: str) -> str:
+        return _file(self.cfg, "samples", "samples", model, self.keys[f"sample_{model}"], ".npz")
+
+    def metrics(self, model: str) -> str:
+        return self._result("metrics", model, self.keys[f"evaluate_{model}"])
+
+    def summary(self, model: str) -> str:
+        """The flat metrics DVC reads (dvc metrics show/diff, dvc exp show)."""
+        return self._result("metrics", f"{model}_summary", self.keys[f"evaluate_{model}"])
+
+    def two_step(self, model: str) -> str:
+        return self._result("metrics", f"two_step_{model}", self.keys[f"search_{model}"])
+
+    def edit_metrics(self, model: str) -> str:
+        return self._result("metrics", f"editing_{model}", self.keys[f"edit_{model}"])
+
+    def ablation_result(self, run: str) -> str:
+        return self._result("ablations", run, self.keys[f"ablate_{run}"])
+
+    def ablation_curve(self, run: str) -> str:
+        """FID against iteration as CSV rows (dvc plots)."""
+        return self._result("ablations", run, self.keys[f"ablate_{run}"], ".csv")
+
+    def ablation_checkpoint(self, run: str) -> str:
+        return _file(self.cfg, "checkpoints", "checkpoints", f"ablations/{run}" if self.cfg.run.paths == "named"
+                     else f"ablations/{run}", self.keys[f"ablate_{run}"], ".pt")
+
+    def _result(self, kind: str, stem: str, key: str, suffix: str = ".json") -> str:
+        return _file(self.cfg, f"results/{kind}", "results", f"{kind}/{stem}" if self.cfg.run.paths == "named"
+                     else stem, key, suffix)
+
+
+def tables_dir(cfg: Config) -> str:
+    """An experiment's tables (both layouts); results/tables/ holds the selected experiment's copy (publish)."""
+    return f"results/{cfg.name}/tables"
+
+
+def layout(cfg: Config) -> Layout:
+    """Every output path of the experiment (its stages' keys computed once)."""
+    b = _Builder(cfg)
+    stages(cfg, b)
+    return b.at
+
+
 def data_dir(cfg: Config) -> str:
-    return f"data/{cfg.data.dataset}"
+    return layout(cfg).data_dir()
 
 
 def split_paths(cfg: Config, split: str) -> list[str]:
@@ -54,54 +154,72 @@ def split_paths(cfg: Config, split: str) -> list[str]:
 
 
 def ref_stats(cfg: Config) -> str:
-    """Inception mu, sigma of the training set (FID), cached per dataset (and so per resolution)."""
-    return f"{data_dir(cfg)}/fid_ref.npz"
+    """Inception mu, sigma of the training set (FID)."""
+    return layout(cfg).ref_stats()
 
 
 def ref_features(cfg: Config) -> str:
     """Pool features of a subset of the training set (KID, precision/recall)."""
-    return f"{data_dir(cfg)}/ref_features.npy"
+    return layout(cfg).ref_features()
 
 
 def checkpoint(cfg: Config, model: str) -> str:
-    return f"checkpoints/{cfg.data.dataset}/{model}.pt"
-
-
-def figure(cfg: Config, name: str) -> str:
-    return f"results/figures/{cfg.data.dataset}/{name}.png"
-
-
-def loss_figure(cfg: Config, model: str) -> str:
-    return figure(cfg, f"loss_{model}")
+    return layout(cfg).checkpoint(model)
 
 
 def samples(cfg: Config, model: str) -> str:
-    return f"samples/{cfg.data.dataset}/{model}.npz"
+    return layout(cfg).samples(model)
 
 
 def metrics(cfg: Config, model: str) -> str:
-    return f"results/metrics/{cfg.data.dataset}/{model}.json"
+    return layout(cfg).metrics(model)
 
 
 def two_step(cfg: Config, model: str) -> str:
     """The searched 2-step intermediate time of a consistency model."""
-    return f"results/metrics/{cfg.data.dataset}/two_step_{model}.json"
+    return layout(cfg).two_step(model)
 
 
 def ablation_result(cfg: Config, run: str) -> str:
-    return f"results/ablations/{cfg.data.dataset}/{run}.json"
+    return layout(cfg).ablation_result(run)
 
 
 def ablation_checkpoint(cfg: Config, run: str) -> str:
-    return f"checkpoints/{cfg.data.dataset}/ablations/{run}.pt"
+    return layout(cfg).ablation_checkpoint(run)
 
 
-def figure3(cfg: Config) -> list[str]:
-    return [figure(cfg, f"figure3_{panel}") for panel in cfg.ablation.panels]
+def ablation_curve(cfg: Config, run: str) -> str:
+    return layout(cfg).ablation_curve(run)
+
+
+def summary(cfg: Config, model: str) -> str:
+    return layout(cfg).summary(model)
+
+
+def loss_figure(cfg: Config, model: str) -> str:
+    return layout(cfg).figure(model, f"loss_{model}")
+
+
+def sample_grid(cfg: Config, model: str) -> str:
+    return layout(cfg).figure(f"sample_{model}", f"samples_{model}")
+
+
+def search_figure(cfg: Config, model: str) -> str:
+    return layout(cfg).figure(f"search_{model}", f"two_step_{model}")
+
+
+def edit_figure(cfg: Config, task: str) -> str:
+    return layout(cfg).figure(f"edit_{cfg.edit.model}", f"editing_{task}")
 
 
 def edit_outputs(cfg: Config, model: str) -> list[str]:
-    return [figure(cfg, f"editing_{task}") for task in EDIT_TASKS] + [metrics(cfg, f"editing_{model}")]
+    at = layout(cfg)
+    return [at.figure(f"edit_{model}", f"editing_{task}") for task in EDIT_TASKS] + [at.edit_metrics(model)]
+
+
+def figure3(cfg: Config) -> list[str]:
+    at = layout(cfg)
+    return [at.figure("figure3", f"figure3_{panel}") for panel in cfg.ablation.panels]
 
 
 def searched(cfg: Config, model: str) -> bool:
@@ -173,10 +291,12 @@ def read_partitions(sinfo: str) -> dict[str, Partition]:
     return out
 
 
-def misfit(cfg: Config, partition: Partition) -> str | None:
-    """The first stage whose request no node of the partition can ever meet (SLURM would keep it pending with
-    reason PartitionConfig, and Snakemake wait in silence), named with the resources key to change."""
+def misfit(cfg: Config, partition: Partition, names: set[str] | None = None) -> str | None:
+    """The first stage (of `names`; None: all) whose request no node of the partition can ever meet (SLURM would
+    keep it pending with reason PartitionConfig, and Snakemake wait in silence), named with the resources key."""
     for stage in stages(cfg):
+        if names is not None and stage.name not in names:
+            continue
         r = cfg.resources[stage.resources]
         for key, asked, has, what in (("cpus", r.cpus, partition.cpus, "CPUs per node"),
                                       ("mem_mb", r.mem_mb, partition.mem_mb, "MB of memory per node"),
@@ -188,32 +308,6 @@ def misfit(cfg: Config, partition: Partition) -> str | None:
     return None
 
 
-def openai_stage(cfg: Config, model: str) -> Stage:
-    """Import one of OpenAI's published checkpoints (<model>.openai_checkpoint) in place of training the model."""
-    source = getattr(cfg, model).openai_checkpoint
-    return Stage(f"import_{model}", f"python -m pipeline.import_openai --model {model}",
-                 [source, "pipeline/import_openai.py"] + CORE, [checkpoint(cfg, model)],
-                 [f"{model}.source", f"{model}.openai_checkpoint", "network", "diffusion", "data.dataset"],
-                 "prepare_data")
-
-
-def teacher_stage(cfg: Config) -> Stage:
-    """Train the EDM teacher, or import NVlabs' (teacher.source: import) or OpenAI's (openai) published one."""
-    if cfg.teacher.source == "openai":
-        return openai_stage(cfg, "teacher")
-    if cfg.teacher.source == "import":
-        return Stage("import_teacher",
-                     f"python -m pipeline.import_edm {cfg.teacher.edm_pickle} --arch {cfg.network.arch} "
-                     f"--out {checkpoint(cfg, 'teacher')}",
-                     [cfg.teacher.edm_pickle, "pipeline/import_edm.py"] + CORE,
-                     [checkpoint(cfg, "teacher")], ["teacher.edm_pickle", "network.arch"], "prepare_data")
-    return Stage("train_teacher", launched("train_teacher", "pipeline.train_teacher"),
-                 split_paths(cfg, "train") + ["pipeline/train_teacher.py"] + TRAIN_CODE,
-                 [checkpoint(cfg, "teacher"), loss_figure(cfg, "teacher")],
-                 TRAIN_PARAMS + ["teacher"],
-                 "train_teacher", training=True)
-
-
 def manifest(cfg: Config) -> str:
     return f"{data_dir(cfg)}/manifest.json"
 
@@ -223,107 +317,202 @@ def mixture(cfg: Config) -> bool:
     return cfg.data.dataset == "gmm"
 
 
-def stages(cfg: Config) -> list[Stage]:
-    """All stages for a resolved config (CT depends on the teacher only when it starts from it)."""
-    train = split_paths(cfg, "train")
+class _Builder:
+    """Collects the stages in order: each one's key comes from its params and the keys of the stages it reads, and
+    its output paths from its key."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.keys, self.out = cfg, {}, []
+        self.at = Layout(cfg, self.keys)
+
+    def add(self, name: str, cmd: str, deps, outs, params: list[str], resources: str, upstream: list[str],
+            training: bool = False, model: str | None = None) -> None:
+        """deps and outs: callables of the Layout, called once this stage's key is known."""
+        key = stage_key(self.cfg, name, params, [self.keys[u] for u in upstream])
+        self.keys[name] = key
+        if model is not None:
+            self.keys[model] = key
+        cmd = cmd(self.at) if callable(cmd) else cmd
+        self.out.append(Stage(name, cmd, deps(self.at), outs(self.at), params, resources, training, key))
+
+    def splits(self, *names: str) -> list[str]:
+        return [str(p) for name in names for p in split_files(self.at.data_dir(), name)]
+
+
+def _teacher(b: _Builder) -> None:
+    """Train the EDM teacher, or import NVlabs' (teacher.source: import) or OpenAI's (openai) published one."""
+    cfg = b.cfg
+    if cfg.teacher.source == "openai":
+        return _openai(b, "teacher")
+    if cfg.teacher.source == "import":
+        command = (lambda at: f"python -m pipeline.import_edm {cfg.teacher.edm_pickle} --arch {cfg.network.arch} "
+                   f"--out {at.checkpoint('teacher')}")
+        return b.add("import_teacher", command, lambda at: [cfg.teacher.edm_pickle, "pipeline/import_edm.py"] + CORE,
+                     lambda at: [at.checkpoint("teacher")], ["teacher.edm_pickle", "network.arch"], "prepare_data",
+                     [], model="teacher")
+    b.add("train_teacher", launched("train_teacher", "pipeline.train_teacher"),
+          lambda at: b.splits("train") + ["pipeline/train_teacher.py"] + TRAIN_CODE,
+          lambda at: [at.checkpoint("teacher"), at.figure("teacher", "loss_teacher")],
+          TRAIN_PARAMS + ["teacher"], "train_teacher", ["prepare_data"], training=True, model="teacher")
+
+
+def _openai(b: _Builder, model: str) -> None:
+    """Import one of OpenAI's published checkpoints (<model>.openai_checkpoint) in place of training the model."""
+    source = getattr(b.cfg, model).openai_checkpoint
+    b.add(f"import_{model}", f"python -m pipeline.import_openai --model {model}",
+          lambda at: [source, "pipeline/import_openai.py"] + CORE, lambda at: [at.checkpoint(model)],
+          [f"{model}.source", f"{model}.openai_checkpoint", "network", "diffusion", "data.dataset"], "prepare_data",
+          [], model=model)
+
+
+def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
+    """All stages of one experiment, in order (CT reads the teacher only when it starts from it)."""
+    b = b or _Builder(cfg)
     data_params = ["data.dataset", "data.source", "data.max_train", "data.class_conditional", "data.lsun_resize"]
     data_params += ["data.gmm"] if mixture(cfg) else []
-    train_params = TRAIN_PARAMS
-    refs = [ref_stats(cfg), ref_features(cfg)]
-    teacher = [checkpoint(cfg, "teacher")]
-    out = [
-        Stage("prepare_data", "python -m pipeline.prepare_data",
-              ["pipeline/prepare_data.py", "pipeline/datasets.py", "pipeline/data.py", "pipeline/config.py"]
-              + (["pipeline/gmm.py"] if mixture(cfg) else []),
-              train + split_paths(cfg, "test") + [manifest(cfg)], data_params, "prepare_data"),
-        *([] if mixture(cfg) else [
-            Stage("reference_stats", "python -m pipeline.reference_stats",
-                  train + ["pipeline/reference_stats.py", "pipeline/metrics.py"], refs,
-                  data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode",
-                                 "evaluate.inception"], "evaluate")]),
-        teacher_stage(cfg),
-        openai_stage(cfg, "cd") if cfg.cd.source == "openai" else
-        Stage("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
-              train + teacher + ["pipeline/distill_cd.py", "pipeline/lpips.py"] + TRAIN_CODE,
-              [checkpoint(cfg, "cd"), loss_figure(cfg, "cd")], train_params + ["cd", "lpips"], "distill_cd",
-              training=True),
-        openai_stage(cfg, "ct") if cfg.ct.source == "openai" else
-        Stage("train_ct", launched("train_ct", "pipeline.train_ct"),
-              train + (teacher if cfg.ct.init_from_teacher else []) + ["pipeline/train_ct.py", "pipeline/lpips.py"]
-              + TRAIN_CODE,
-              [checkpoint(cfg, "ct"), loss_figure(cfg, "ct")], train_params + ["ct", "lpips"], "train_ct",
-              training=True),
-    ]
-    sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid", "sample.uint8"]
+    b.add("prepare_data", "python -m pipeline.prepare_data",
+          lambda at: ["pipeline/prepare_data.py", "pipeline/datasets.py", "pipeline/data.py", "pipeline/config.py"]
+          + (["pipeline/gmm.py"] if mixture(cfg) else []),
+          lambda at: b.splits("train", "test") + [f"{at.data_dir()}/manifest.json"], data_params, "prepare_data", [])
+    refs = [] if mixture(cfg) else ["reference_stats"]
+    if not mixture(cfg):
+        b.add("reference_stats", "python -m pipeline.reference_stats",
+              lambda at: b.splits("train") + ["pipeline/reference_stats.py", "pipeline/metrics.py"],
+              lambda at: [at.ref_stats(), at.ref_features()],
+              data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"],
+              "evaluate", ["prepare_data"])
+    _teacher(b)
+    teacher = lambda at: [at.checkpoint("teacher")]  # noqa: E731
+    if cfg.cd.source == "openai":
+        _openai(b, "cd")
+    else:
+        b.add("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
+              lambda at: b.splits("train") + teacher(at) + ["pipeline/distill_cd.py", "pipeline/lpips.py"]
+              + TRAIN_CODE, lambda at: [at.checkpoint("cd"), at.figure("cd", "loss_cd")],
+              TRAIN_PARAMS + ["cd", "lpips"], "distill_cd", ["prepare_data", "teacher"], training=True, model="cd")
+    if cfg.ct.source == "openai":
+        _openai(b, "ct")
+    else:
+        from_teacher = cfg.ct.init_from_teacher
+        b.add("train_ct", launched("train_ct", "pipeline.train_ct"),
+              lambda at: b.splits("train") + (teacher(at) if from_teacher else [])
+              + ["pipeline/train_ct.py", "pipeline/lpips.py"] + TRAIN_CODE,
+              lambda at: [at.checkpoint("ct"), at.figure("ct", "loss_ct")], TRAIN_PARAMS + ["ct", "lpips"],
+              "train_ct", ["prepare_data"] + (["teacher"] if from_teacher else []), training=True, model="ct")
+    refs_of = (lambda at: [at.ref_stats(), at.ref_features()]) if refs else (lambda at: [])
+    scored = ((lambda at: [f"{at.data_dir()}/manifest.json"] + b.splits("test") + ["pipeline/gmm.py"])
+              if mixture(cfg) else refs_of)
     for model in ("cd", "ct"):
         if searched(cfg, model):
-            scored = [manifest(cfg)] + split_paths(cfg, "test") + ["pipeline/gmm.py"] if mixture(cfg) else refs
-            out.append(Stage(f"search_{model}", f"python -m pipeline.search_two_step --model {model}",
-                             [checkpoint(cfg, model)] + scored + ["pipeline/search_two_step.py", "pipeline/sample.py"]
-                             + EVAL_CODE + CORE,
-                             [two_step(cfg, model), figure(cfg, f"two_step_{model}")],
-                             ["diffusion", "search", "cd.N" if model == "cd" else "ct.s1", "sample.batch",
-                              "sample.uint8", "evaluate.mode", "evaluate.inception"], "evaluate"))
+            b.add(f"search_{model}", f"python -m pipeline.search_two_step --model {model}",
+                  lambda at, m=model: [at.checkpoint(m)] + scored(at) + ["pipeline/search_two_step.py",
+                                                                        "pipeline/sample.py"] + EVAL_CODE + CORE,
+                  lambda at, m=model: [at.two_step(m), at.figure(f"search_{m}", f"two_step_{m}")],
+                  ["diffusion", "search", "cd.N" if model == "cd" else "ct.s1", "sample.batch", "sample.uint8",
+                   "evaluate.mode", "evaluate.inception"], "evaluate",
+                  [model] + (["prepare_data"] if mixture(cfg) else refs))
+    sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid", "sample.uint8"]
     sampler_params = {"teacher": ["sample.teacher_steps", "sample.teacher_clip", "sample.teacher_euler_nfe",
                                   "sample.teacher_heun_nfe"],
                       "cd": ["sample.cd_schedules"], "ct": ["sample.ct_schedules"]}
     for model in MODELS:
-        out.append(Stage(f"sample_{model}", f"python -m pipeline.sample --model {model}",
-                         [checkpoint(cfg, model)] + ([two_step(cfg, model)] if searched(cfg, model) else [])
-                         + ["pipeline/sample.py"] + CORE,
-                         [samples(cfg, model), figure(cfg, f"samples_{model}")],
-                         sample_params + sampler_params[model], "sample"))
+        search = [f"search_{model}"] if searched(cfg, model) else []
+        b.add(f"sample_{model}", f"python -m pipeline.sample --model {model}",
+              lambda at, m=model, s=search: [at.checkpoint(m)] + [at.two_step(m) for _ in s] + ["pipeline/sample.py"]
+              + CORE, lambda at, m=model: [at.samples(m), at.figure(f"sample_{m}", f"samples_{m}")],
+              sample_params + sampler_params[model], "sample", [model] + search)
     if mixture(cfg):
-        return out + mixture_stages(cfg)
+        return _mixture_stages(b)
     for model in MODELS:
-        out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
-                         [samples(cfg, model)] + refs + EVAL_CODE, [metrics(cfg, model)],
-                         ["evaluate.pr_k", "evaluate.mode", "evaluate.inception"], "evaluate"))
-    out.append(Stage("tables", "python -m pipeline.tables",
-                     [metrics(cfg, m) for m in MODELS] + ["pipeline/tables.py"], TABLES, ["data.dataset"], "tables"))
+        b.add(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
+              lambda at, m=model: [at.samples(m)] + refs_of(at) + EVAL_CODE,
+              lambda at, m=model: [at.metrics(m), at.summary(m)],
+              ["evaluate.pr_k", "evaluate.mode", "evaluate.inception"], "evaluate", [f"sample_{model}"] + refs)
+    _tables(b, "tables", "python -m pipeline.tables", TABLES)
     edited = cfg.edit.model
-    out.append(Stage(f"edit_{edited}", "python -m pipeline.edit",
-                     [checkpoint(cfg, edited)] + split_paths(cfg, "test") + [ref_stats(cfg), "pipeline/edit.py",
-                      "pipeline/editing.py", "pipeline/metrics.py", "pipeline/data.py"] + CORE,
-                     edit_outputs(cfg, edited),
-                     ["diffusion", "edit", "sample.uint8", "evaluate.mode", "evaluate.inception"], "sample"))
+    b.add(f"edit_{edited}", "python -m pipeline.edit",
+          lambda at: [at.checkpoint(edited)] + b.splits("test") + [at.ref_stats(), "pipeline/edit.py",
+                                                                   "pipeline/editing.py", "pipeline/metrics.py",
+                                                                   "pipeline/data.py"] + CORE,
+          lambda at: [at.figure(f"edit_{edited}", f"editing_{task}") for task in EDIT_TASKS]
+          + [at.edit_metrics(edited)],
+          ["diffusion", "edit", "sample.uint8", "evaluate.mode", "evaluate.inception"], "sample",
+          [edited, "prepare_data"] + refs)
     runs = cfg.ablation.used_runs()
     for run in runs:
         model = cfg.ablation.runs[run]["model"]
         needs_teacher = model == "cd" or cfg.ct.init_from_teacher
-        out.append(Stage(f"ablate_{run}", launched(TRAIN_STAGE[model], f"pipeline.ablation --run {run}"),
-                         train + (teacher if needs_teacher else []) + refs
-                         + ["pipeline/ablation.py", f"pipeline/{TRAIN_STAGE[model]}.py", "pipeline/lpips.py"]
-                         + TRAIN_CODE + EVAL_CODE,
-                         [ablation_result(cfg, run), ablation_checkpoint(cfg, run)],
-                         train_params + [model, "lpips", f"ablation.runs.{run}", "ablation.iterations",
-                                         "ablation.eval_every", "ablation.num_samples", "sample.batch",
-                                         "sample.uint8", "evaluate.mode", "evaluate.inception"], TRAIN_STAGE[model],
-                         training=True))
+        b.add(f"ablate_{run}", launched(TRAIN_STAGE[model], f"pipeline.ablation --run {run}"),
+              lambda at, m=model, t=needs_teacher: b.splits("train") + (teacher(at) if t else []) + refs_of(at)
+              + ["pipeline/ablation.py", f"pipeline/{TRAIN_STAGE[m]}.py", "pipeline/lpips.py"] + TRAIN_CODE
+              + EVAL_CODE,
+              lambda at, r=run: [at.ablation_result(r), at.ablation_curve(r), at.ablation_checkpoint(r)],
+              TRAIN_PARAMS + [model, "lpips", f"ablation.runs.{run}", "ablation.iterations", "ablation.eval_every",
+                              "ablation.num_samples", "sample.batch", "sample.uint8", "evaluate.mode",
+                              "evaluate.inception"], TRAIN_STAGE[model],
+              ["prepare_data"] + (["teacher"] if needs_teacher else []) + refs, training=True)
     if runs:
-        out.append(Stage("figure3", "python -m pipeline.ablation --figure",
-                         [ablation_result(cfg, run) for run in runs] + ["pipeline/ablation.py"], figure3(cfg),
-                         ["ablation.panels"], "tables"))
-    return out
+        b.add("figure3", "python -m pipeline.ablation --figure",
+              lambda at: [at.ablation_result(r) for r in runs] + ["pipeline/ablation.py"],
+              lambda at: [at.figure("figure3", f"figure3_{panel}") for panel in cfg.ablation.panels],
+              ["ablation.panels"], "tables", [f"ablate_{r}" for r in runs])
+    return b.out
 
 
-def mixture_stages(cfg: Config) -> list[Stage]:
+def _tables(b: _Builder, name: str, cmd: str, outs: list[str], extra=lambda at: []) -> None:
+    """An experiment's tables: named by the experiment in both layouts (results/<name>/tables/)."""
+    folder = tables_dir(b.cfg)
+    b.add(name, cmd, lambda at: [at.metrics(m) for m in MODELS] + extra(at) + [f"pipeline/{cmd.split('.')[-1]}.py"],
+          lambda at: [f"{folder}/{Path(o).name}" for o in outs], ["data.dataset"], "tables",
+          [f"evaluate_{m}" for m in MODELS])
+    b.keys[name] = b.cfg.name
+
+
+def _mixture_stages(b: _Builder) -> list[Stage]:
     """Dataset gmm, after sampling: each model's exact measures and error, then the proof table and figure."""
+    for model in MODELS:
+        b.add(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
+              lambda at, m=model: [at.samples(m), at.checkpoint(m), f"{at.data_dir()}/manifest.json"]
+              + b.splits("test") + EVAL_CODE + ["pipeline/gmm.py"] + CORE,
+              lambda at, m=model: [at.metrics(m), at.summary(m)],
+              ["evaluate.error_sigmas", "evaluate.error_samples", "sample.seed"], "evaluate",
+              [f"sample_{model}", model, "prepare_data"])
+    _tables(b, "proof", "python -m pipeline.proof", PROOF,
+            lambda at: [at.samples(m) for m in MODELS] + [f"{at.data_dir()}/manifest.json"] + b.splits("train")
+            + ["pipeline/gmm.py"])
+    return b.out
+
+
+def compare_stage(cfgs: dict[str, Config]) -> Stage:
+    """results/tables/compare.{csv,md}: the measures of several experiments side by side (params.yaml compare:)."""
+    deps = [metrics(cfg, m) for cfg in cfgs.values() for m in MODELS]
+    return Stage("compare", "python -m pipeline.tables --compare", deps + ["pipeline/tables.py"], COMPARE, [],
+                 "tables", key="+".join(cfgs))
+
+
+def old_layout(cfg: Config) -> list[str]:
+    """One line per checkpoint of the layout before named experiments (checkpoints/<dataset>/<model>.pt), saying
+    where this experiment now expects it."""
     out = []
     for model in MODELS:
-        out.append(Stage(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
-                         [samples(cfg, model), checkpoint(cfg, model), manifest(cfg)] + split_paths(cfg, "test")
-                         + EVAL_CODE + ["pipeline/gmm.py"] + CORE, [metrics(cfg, model)],
-                         ["evaluate.error_sigmas", "evaluate.error_samples", "sample.seed"], "evaluate"))
-    out.append(Stage("proof", "python -m pipeline.proof",
-                     [metrics(cfg, m) for m in MODELS] + [samples(cfg, m) for m in MODELS]
-                     + [manifest(cfg)] + split_paths(cfg, "train") + ["pipeline/proof.py", "pipeline/gmm.py"],
-                     proof_outputs(cfg), ["diffusion", "sample"], "evaluate"))
+        old = Path(f"checkpoints/{cfg.data.dataset}/{model}.pt")
+        if old.is_file() and str(old) != checkpoint(cfg, model):
+            out.append(f"{old}: a checkpoint of the layout before named experiments; experiment {cfg.name} now reads "
+                       f"and writes {checkpoint(cfg, model)} (mv it there to keep it if its params are this "
+                       "experiment's; samples and metrics are recomputed)")
     return out
 
 
 def proof_outputs(cfg: Config) -> list[str]:
-    return ["results/tables/proof.csv", "results/tables/proof.md", figure(cfg, "proof")]
+    """The proof's table and figure of this experiment (dataset gmm)."""
+    return [f"{tables_dir(cfg)}/{Path(o).name}" for o in PROOF]
+
+
+def publish_stage(cfg: Config) -> Stage:
+    """results/tables/: a copy of the selected experiment's tables, the paths the README and the guide name."""
+    own = proof_outputs(cfg) if mixture(cfg) else [f"{tables_dir(cfg)}/{Path(t).name}" for t in TABLES]
+    return Stage("publish", "python -m pipeline.tables --publish", own + ["pipeline/tables.py"],
+                 PROOF if mixture(cfg) else TABLES, ["preset", "run.name"], "tables", key=cfg.name)
 
 
 def check_writable(cfg: Config) -> None:
@@ -335,21 +524,23 @@ def check_writable(cfg: Config) -> None:
 
 
 def targets(cfg: Config) -> list[str]:
-    """What `snakemake` with no target builds: the tables and the editing figures (Figure 3: target figure3); for
-    dataset gmm, the proof table and its figure."""
+    """What `snakemake` with no target builds: the selected experiment's tables in results/tables/ and its editing
+    figures (Figure 3: target figure3); for dataset gmm, the proof table and its figure."""
     if mixture(cfg):
-        return proof_outputs(cfg)
+        return PROOF
     return TABLES + edit_outputs(cfg, cfg.edit.model)
 
 
 def dvc_yaml(cfg: Config, params_file: dict) -> str:
-    """dvc.yaml text: every stage, tracking its params under the defaults and under every preset."""
+    """dvc.yaml text: every stage (and publish), tracking its params under the defaults and under every preset; each
+    model's flat metrics as `metrics` and the Figure 3 curves as `plots` (dvc metrics/plots/exp show them)."""
     doc: dict = {"stages": {}}
     presets = params_file.get("presets", {}) or {}
-    for stage in stages(cfg):
+    curves = {}
+    for stage in stages(cfg) + [publish_stage(cfg)]:
         tracked = ["preset"] + (["follow"] if "follow" in params_file else [])
         for key in stage.params:
-            tracked.append(key)
+            tracked.append(key) if key not in tracked else None
             for name, body in presets.items():
                 for where, block in ((f"presets.{name}", body), (f"presets.{name}.code", (body or {}).get("code"))):
                     node = block or {}
@@ -357,8 +548,22 @@ def dvc_yaml(cfg: Config, params_file: dict) -> str:
                         node = node.get(part) if isinstance(node, dict) else None
                     if node is not None:
                         tracked.append(f"{where}.{key}")
-        doc["stages"][stage.name] = {"cmd": stage.cmd, "deps": stage.deps, "params": tracked, "outs": stage.outs}
-    header = (f"# Generated by `python -m pipeline.stages --dvc` from pipeline/stages.py for preset '{cfg.preset}'.\n"
+        flat = [o for o in stage.outs if o.endswith(".json") and "_summary" in Path(o).stem]
+        plotted = [o for o in stage.outs if o.endswith(".csv") and stage.name.startswith("ablate_")]
+        entry = {"cmd": stage.cmd, "deps": stage.deps, "params": tracked,
+                 "outs": [o for o in stage.outs if o not in flat + plotted]}
+        if flat:
+            entry["metrics"] = flat  # cached, as every output: dvc push/pull and `dvc exp show` read them
+        if plotted:
+            entry["plots"] = plotted
+            curves[stage.name.removeprefix("ablate_")] = plotted[0]
+        doc["stages"][stage.name] = entry
+    if curves:
+        doc["plots"] = [{f"figure3_{panel}": {"title": f"Figure 3, {panel}: FID (1 step) against iteration",
+                                              "x": "iteration", "y": {curves[run]: "fid_1step" for run in runs}}}
+                        for panel, runs in cfg.ablation.panels.items()]
+    header = (f"# Generated by `python -m pipeline.stages --dvc` from pipeline/stages.py for experiment '{cfg.name}'"
+              f" (paths {cfg.run.paths}).\n"
               "# Do not edit: change pipeline/stages.py or params.yaml, then regenerate (make dvc.yaml).\n")
     return header + yaml.safe_dump(doc, sort_keys=False, width=120)
 
@@ -376,7 +581,7 @@ def main() -> None:
             raise ConfigError(str(e)) from None
         target = Path(args.config).with_name("dvc.yaml")
         target.write_text(dvc_yaml(cfg, params_file))
-        print(f"wrote {target} for preset '{cfg.preset}'")
+        print(f"wrote {target} for experiment '{cfg.name}' (paths {cfg.run.paths})")
         return
     for stage in stages(cfg):
         print(f"{stage.name:16s} {stage.cmd}\n{'':16s} -> {', '.join(stage.outs)}")

@@ -3,8 +3,10 @@ the paper's.
 
     python -m pipeline.tables [--config params.yaml]
 
-Reads results/metrics/<dataset>/<model>.json for every dataset that has one (a workspace may hold runs of several
-presets) and writes results/tables/table{1,2}.{csv,md}. Both tables always have every row of the paper: a
+Reads the experiment's metrics of each model and writes results/<experiment>/tables/table{1,2}.{csv,md};
+--publish copies them to results/tables/ (the experiment params.yaml or --config selects); --compare writes
+results/tables/compare.{csv,md}, one row per (experiment, model, sample set) of params.yaml's `compare:` list with
+the knobs on which they differ. Both tables always have every row of the paper: a
 (dataset, model) that was not run here keeps the paper's values, with our cells empty and the preset to run named
 in `notes`. Every empty cell has its reason in is_note, pr_note or notes.
 
@@ -22,13 +24,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import stage_cli
-from pipeline.data import write_text
+from pipeline.config import Config, add_arguments, compare_names, experiment, from_args
+from pipeline.data import write_bytes, write_text
 from pipeline.datasets import DATASETS
 
-METRICS_DIR = "results/metrics"
 TABLES_DIR = "results/tables"
-OUTPUTS = [f"{TABLES_DIR}/table{i}.{ext}" for i in (1, 2) for ext in ("csv", "md")]
 MODELS = ("teacher", "cd", "ct")
 TABLE2_DATASETS = ("imagenet64", "lsun_bedroom", "lsun_cat")
 METHOD = {"teacher": "EDM teacher", "cd": "CD", "ct": "CT"}
@@ -80,22 +80,16 @@ NO_SIGMAS = "sampling times not recorded: {} predates them"
 NO_VALUE = "{} not recorded in {}"
 
 
-def metrics_path(dataset: str, model: str, root: str | Path = METRICS_DIR) -> Path:
-    return Path(root) / dataset / f"{model}.json"
-
-
-def load_results(root: str | Path = METRICS_DIR) -> dict[tuple[str, str], dict]:
-    """{(dataset, model): metrics JSON} for every metrics file under root; each gets its path as `path`."""
+def load_results(paths: list[str | Path]) -> dict[tuple[str, str], dict]:
+    """{(dataset, model): metrics JSON} of the metrics files that exist; each gets its path as `path`."""
     results = {}
-    for dataset in DATASETS:
-        for model in MODELS:
-            path = metrics_path(dataset, model, root)
-            if path.exists():
-                result = json.loads(path.read_text())
-                held = (result.get("dataset", dataset), result.get("model", model))
-                if held != (dataset, model):
-                    raise ValueError(f"{path} holds {held[0]}/{held[1]}, not {dataset}/{model}")
-                results[dataset, model] = {**result, "path": str(path)}
+    for path in map(Path, paths):
+        if path.exists():
+            result = json.loads(path.read_text())
+            held = (result["dataset"], result["model"])
+            if held in results:
+                raise ValueError(f"{path} and {results[held]['path']} both hold {held[0]}/{held[1]}")
+            results[held] = {**result, "path": str(path)}
     return results
 
 
@@ -222,14 +216,69 @@ def write_tables(results: dict[tuple[str, str], dict], out_dir: str | Path = TAB
     return paths
 
 
+COMPARED = ("fid", "is", "kid", "precision", "recall", "nll_gap", "on_mode", "mode_tv", "frechet")
+NOT_KNOBS = ("preset", "run.name", "resources.", "run.tracking", "run.device", "run.threads")  # where, not what
+
+
+def knob_differences(cfgs: dict[str, Config]) -> dict[str, dict[str, str]]:
+    """{experiment: {knob: value}} for the knobs on which the experiments differ (params.yaml's dotted keys)."""
+    flat = {name: tracking.flatten(cfg.raw) for name, cfg in cfgs.items()}
+    keys = sorted({k for values in flat.values() for k in values})
+    differing = [k for k in keys if not k.startswith(NOT_KNOBS) and len({v.get(k) for v in flat.values()}) > 1]
+    return {name: {k: values.get(k, "") for k in differing} for name, values in flat.items()}
+
+
+def compare_table(cfgs: dict[str, Config], results: dict[str, dict[tuple[str, str], dict]]) -> pd.DataFrame:
+    """One row per (experiment, model, sample set): its measures, and the knobs on which the experiments differ."""
+    knobs = knob_differences(cfgs)
+    rows = []
+    for name, cfg in cfgs.items():
+        for (dataset, model), result in sorted(results[name].items(), key=lambda kv: MODELS.index(kv[0][1])):
+            for row in result["rows"]:
+                rows.append({"experiment": name, "preset": cfg.preset, "dataset": dataset, "method": METHOD[model],
+                             "sampler": row.get("sampler", ""), "nfe": row["nfe"]}
+                            | {k: _rounded(row.get(k), 4) for k in COMPARED if row.get(k) is not None}
+                            | knobs[name] | {"mlflow_run_id": result.get("mlflow_run_id")})
+    table = pd.DataFrame(rows)
+    return table.dropna(axis=1, how="all") if len(table) else table
+
+
 def main() -> None:
-    cfg, _ = stage_cli(__doc__)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--publish", action="store_true", help="copy this experiment's tables to results/tables/")
+    which.add_argument("--compare", action="store_true",
+                       help="results/tables/compare.{csv,md}: the experiments of params.yaml's compare:")
+    args = parser.parse_args()
+    cfg = from_args(args)
+    if args.publish:
+        from pipeline.stages import publish_stage
+
+        stage = publish_stage(cfg)
+        for source, target in zip(stage.deps, stage.outs):
+            write_bytes(target, Path(source).read_bytes())
+        print(f"results/tables/: the tables of experiment {cfg.name}", file=sys.stderr)
+        return
     try:
-        results = load_results()
+        if args.compare:
+            from pipeline.stages import metrics
+
+            cfgs = {name: experiment(args.config, name).load(args.config) for name in compare_names(args.config)}
+            table = compare_table(cfgs, {n: load_results([metrics(c, m) for m in MODELS]) for n, c in cfgs.items()})
+            paths = [Path(TABLES_DIR) / "compare.csv", Path(TABLES_DIR) / "compare.md"]
+            write_text(paths[0], table.to_csv(index=False))
+            write_text(paths[1], f"Experiments {', '.join(cfgs)}: measures, and the knobs on which they differ.\n\n"
+                                 f"{to_markdown(table)}")
+        else:
+            from pipeline.stages import metrics, tables_dir
+
+            paths = write_tables(load_results([metrics(cfg, m) for m in MODELS]), tables_dir(cfg))
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         sys.exit(f"error: {e}")
-    paths = write_tables(results)
-    with tracking.stage_run("tables", cfg):
+    with tracking.stage_run("compare" if args.compare else "tables", cfg):
         for path in paths:
             tracking.log_artifact(path)
     for path in paths[1::2]:

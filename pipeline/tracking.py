@@ -1,4 +1,5 @@
-"""MLflow: one run per stage in one experiment, tagged with stage, preset and git commit.
+"""MLflow: one run per stage in one experiment, tagged with experiment, stage, dataset, preset and git commit, and
+nested under one parent run per experiment name (cfg.name), so the UI groups what one experiment ran.
 
 The tracking store is SQLite (params.yaml run.tracking_uri, default sqlite:///mlflow.db) unless the
 environment variable MLFLOW_TRACKING_URI names another (e.g. a server, for many SLURM jobs at once).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import random
 import subprocess
@@ -17,6 +19,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.config import Config
 
@@ -118,34 +122,102 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def setup(cfg: Config) -> None:
+# What the experiment is for MLflow 3 (model training, not GenAI). The 3.17 UI shows the kind of its sidebar switch
+# instead ("Model training", or a link with ?workflowType=machine_learning, opens the experiment on its runs).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+ROLE = "experiment"  # the tag `role` of a parent run
+
+
+def setup(cfg: Config) -> str:
+    """Point MLflow at the store and the experiment (made on first use, marked as model training); returns its id."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.run.tracking_uri
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
-        _retry(mlflow.set_experiment, cfg.run.experiment)
+        experiment = _retry(mlflow.set_experiment, cfg.run.experiment)
+        if KIND_TAG not in experiment.tags:  # a kind someone chose in the UI stays
+            _retry(MlflowClient().set_experiment_tag, experiment.experiment_id, KIND_TAG, KIND)
+    return experiment.experiment_id
+
+
+def _config_params(config: dict) -> dict[str, str]:
+    """The params a run logs for a resolved config (resources say where it ran, not what)."""
+    return flatten({k: v for k, v in config.items() if k != "resources"})
+
+
+def _log_params(params: dict[str, str], run_id: str | None = None) -> None:
+    import mlflow
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    items = list(params.items())
+    for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
+        if run_id is None:
+            _retry(mlflow.log_params, dict(items[i:i + 90]))
+        else:
+            _retry(MlflowClient().log_batch, run_id, params=[Param(k, v) for k, v in items[i:i + 90]])
+
+
+def _parents(experiment_id: str, name: str) -> list:
+    """The live parent runs of the experiment `name`, oldest first (ties: by run id, the same order everywhere)."""
+    from mlflow.tracking import MlflowClient
+
+    quote = '"' if "'" in name else "'"
+    runs = _retry(MlflowClient().search_runs, [experiment_id],
+                  f"tags.role = '{ROLE}' and tags.experiment = {quote}{name}{quote}", max_results=1000)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def _experiment_tags(cfg: Config) -> dict[str, str]:
+    return {"experiment": cfg.name, "dataset": cfg.data.dataset, "preset": cfg.preset, "git_commit": git_commit()}
+
+
+def parent_run(cfg: Config) -> str:
+    """The id of the run every stage run of the experiment cfg.name nests under, made (FINISHED: it holds runs, it
+    does not run) with the experiment's config as params on first use. On a SQLite store a file lock makes parallel
+    first uses create one; through a server, a process that created a duplicate keeps the oldest and deletes its own."""
+    return _parent_run(cfg, setup(cfg))
+
+
+def _parent_run(cfg: Config, experiment_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.run.tracking_uri
+    with _store_lock(uri):
+        found = _parents(experiment_id, cfg.name)
+        if found:
+            return found[0].info.run_id
+        client = MlflowClient()
+        run = _retry(client.create_run, experiment_id, run_name=cfg.name, tags={"role": ROLE, **_experiment_tags(cfg)})
+        mine = run.info.run_id
+        _log_params(_config_params(cfg.raw), mine)
+        _retry(client.set_terminated, mine, "FINISHED")
+        oldest = _parents(experiment_id, cfg.name)[0].info.run_id
+        if oldest != mine:  # another process made one at the same time (server store): one parent stays
+            _retry(client.delete_run, mine)
+        return oldest
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | None = None,
-              extra_params: dict | None = None) -> Iterator[Any]:
-    """Start (or, with run_id, resume) the MLflow run of one stage; logs every param (and extra_params, e.g. how
-    the job was laid out) on a new run."""
+              extra_params: dict | None = None, config: dict | None = None) -> Iterator[Any]:
+    """Start (or, with run_id, resume) the MLflow run of one stage, a child of the experiment's parent_run; a new run
+    logs every param of `config` (the resolved config as the stage ran it; None: cfg.raw) and extra_params (e.g.
+    how the job was laid out)."""
     import mlflow
 
-    setup(cfg)
+    experiment_id = setup(cfg)
     _logged_through.clear()
     if run_id is not None:
         run = _retry(mlflow.start_run, run_id=run_id)
         _logged_through.update(_retry(_last_steps, run_id))
     else:
-        all_tags = {"stage": stage, "preset": cfg.preset, "git_commit": git_commit(), **(tags or {})}
-        run = _retry(mlflow.start_run, run_name=stage, tags=all_tags)
-        params = flatten({k: v for k, v in cfg.raw.items() if k != "resources"}) | flatten(extra_params or {})
-        items = list(params.items())
-        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
-            _retry(mlflow.log_params, dict(items[i:i + 90]))
+        parent = _parent_run(cfg, experiment_id)
+        all_tags = {**_experiment_tags(cfg), "stage": stage, **(tags or {})}
+        run = _retry(mlflow.start_run, run_name=stage, tags=all_tags, parent_run_id=parent)
+        _log_params(_config_params(cfg.raw if config is None else config) | flatten(extra_params or {}))
     try:
         yield run
     except BaseException:
@@ -173,11 +245,16 @@ _logged_through: dict[str, int] = {}  # metric -> the last step the resumed run 
 
 
 def _last_steps(run_id: str) -> dict[str, int]:
+    """The last step of each metric, and of each image key (as 'image:<key>'), that the run holds."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    return {key: max(m.step for m in client.get_metric_history(run_id, key))
-            for key in client.get_run(run_id).data.metrics}
+    out = {key: max(m.step for m in client.get_metric_history(run_id, key))
+           for key in client.get_run(run_id).data.metrics}
+    for image in client.list_artifacts(run_id, "images"):  # images/<key>+step+<step>+timestamp+...
+        key, _, step = Path(image.path).name.split("+")[:3]
+        out[f"image:{key}"] = max(out.get(f"image:{key}", -1), int(step))
+    return out
 
 
 BUFFER = Path("mlflow-buffer")  # metrics the store did not take, one <run id>.jsonl each, replayed later
@@ -230,6 +307,29 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps({"metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)}) + "\n")
+
+
+def grid(images: np.ndarray, count: int = 64) -> np.ndarray:
+    """The first `count` images (uint8 NHWC) tiled in a near-square grid (HWC), gaps black: one picture per step."""
+    tiles = images[:count]
+    columns = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    tiles = np.concatenate([tiles, np.zeros((rows * columns - len(tiles), *tiles.shape[1:]), tiles.dtype)])
+    h, w, c = tiles.shape[1:]
+    return tiles.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+
+
+def log_image(image: np.ndarray, key: str, step: int | None = None) -> None:
+    """Log an image (uint8 HWC) to the active run under `key` at `step`, which the UI shows per step. A store that
+    does not answer costs the image, with a warning, never the training job; a resumed run skips steps it holds."""
+    import mlflow
+
+    if step is not None and step <= _logged_through.get(f"image:{key}", -1):
+        return
+    try:
+        _retry(mlflow.log_image, image, key=key, step=step, synchronous=True)
+    except Exception as e:
+        _warn(f"MLflow: could not log image {key} at step {step} ({e.__class__.__name__}: {str(e)[:120]})")
 
 
 def log_artifact(path: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ which the job requeues itself. A re-run with the same params continues from it (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import signal
@@ -105,6 +106,17 @@ def replica_checksum(modules: dict[str, nn.Module]) -> str:
     return digest.hexdigest()
 
 
+def tracked_run(stage: str, cfg: Config, kind: str, section, run_id: str | None = None, tags: dict | None = None,
+                extra_params: dict | None = None) -> contextlib.AbstractContextManager:
+    """The MLflow run of a training (run_id: resume it). Its params are the config as trained: cfg's with the
+    values of `section` that differ from cfg's own section (an ablation run's knobs), not the base section's."""
+    base = getattr(cfg, kind)
+    own = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+           if getattr(section, f.name) != getattr(base, f.name)}
+    return tracking.stage_run(stage, cfg, run_id=run_id, tags={"model": kind, **(tags or {})},
+                              extra_params=extra_params, config=cfg.raw | {kind: cfg.raw[kind] | own})
+
+
 class Training:
     """Trains `model` (online weights) and keeps `ema` (the evaluated weights); `extra` holds further
     modules whose state must survive a resume (the target network of CD and CT).
@@ -122,7 +134,7 @@ class Training:
         self.resume_path = self.output.with_suffix(".resume.pt")
         if ctx.main and (folder := unwritable([output])) is not None:  # before hours of training, not after
             raise SystemExit(f"error: {stage}: {folder}: not writable; the checkpoint goes there")
-        self.tags = {"model": kind, **(tags or {})}
+        self.tags = tags or {}
         try:
             self.micro_batch, self.accumulation = split_batch(section.batch, ctx.world_size, micro_batch)
         except ValueError as e:
@@ -290,8 +302,8 @@ class Training:
         warn_at = end - self.cfg.cluster.warn_seconds if end is not None else math.inf
         parallel = {"world_size": self.ctx.world_size, "micro_batch": self.micro_batch,
                     "accumulation": self.accumulation}
-        run_context = tracking.stage_run(self.stage, self.cfg, run_id=self.run_id, tags=self.tags,
-                                         extra_params=parallel) if main else contextlib.nullcontext()
+        run_context = tracked_run(self.stage, self.cfg, self.kind, self.section, run_id=self.run_id, tags=self.tags,
+                                  extra_params=parallel) if main else contextlib.nullcontext()
         with run_context as run:
             self.run_id = run.info.run_id if main else None
             if main:

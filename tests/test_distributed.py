@@ -27,13 +27,13 @@ from conftest import ROOT, TRAINED, largest_difference, run, set_training_resour
 from pipeline import launch
 from pipeline.config import TRAIN_STAGE, ConfigError, Resources, load, split_batch
 from pipeline.noise import Noise
-from pipeline.stages import slurm_resources, stages
+from pipeline.stages import checkpoint, slurm_resources, stages
 
 STEPS = 20
 TOLERANCE = 1e-5
-SETTINGS = ["--set", "run.threads=1", "--set", "run.dtype=float64"] + [
-    arg for kind in TRAINED for arg in ("--set", f"{kind}.iterations={STEPS}", "--set", f"{kind}.checkpoint_every=5",
-                                        "--set", f"{kind}.log_every=5")]
+SETS = ["run.threads=1", "run.dtype=float64"] + [
+    f"{kind}.{knob}" for kind in TRAINED for knob in (f"iterations={STEPS}", "checkpoint_every=5", "log_every=5")]
+SETTINGS = [arg for knob in SETS for arg in ("--set", knob)]
 MODULE = {"teacher": "pipeline.train_teacher", "cd": "pipeline.distill_cd", "ct": "pipeline.train_ct"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -124,7 +124,8 @@ def test_ablation_runs_are_checked_against_their_stage_layout():
 def test_several_nodes_without_slurm_stop_before_any_job(tmp_path):
     ws, env = workspace(tmp_path)
     set_training_resources(ws, stages=("train_ct",), processes=2, launch="srun")
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "checkpoints/cifar10/ct.pt"], cwd=ws,
+    target = checkpoint(load(ws / "params.yaml"), "ct")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=ws,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert ("resources.train_ct: 1 node(s) x 2 processes start with srun: run with --profile slurm (or inside "
@@ -204,14 +205,21 @@ def _patched(ws: Path, env: dict, patch: str) -> dict:
     return {**env, "PYTHONPATH": f"{ws / 'patch'}{os.pathsep}{env['PYTHONPATH']}"}
 
 
+def _checkpoint(ws: Path, kind: str) -> str:
+    """The checkpoint of `kind` trained with SETTINGS (the same for every layout: resources are no part of its key),
+    relative to the folder of the run; the resume file is .resume.pt beside it."""
+    return checkpoint(load(ws / "params.yaml", overrides=SETS), kind)
+
+
 def _folder(ws: Path, name: str) -> Path:
     """A folder of its own for one run, sharing the workspace's params, prepared data and teacher."""
     folder = ws / "runs" / name
-    (folder / "checkpoints/cifar10").mkdir(parents=True)
+    teacher = _checkpoint(ws, "teacher")
+    (folder / teacher).parent.mkdir(parents=True)
     (folder / "data").symlink_to(ws / "data")
     (folder / "params.yaml").symlink_to(ws / "params.yaml")
-    if (ws / "checkpoints/cifar10/teacher.pt").exists():
-        (folder / "checkpoints/cifar10/teacher.pt").symlink_to(ws / "checkpoints/cifar10/teacher.pt")
+    if (ws / teacher).exists():
+        (folder / teacher).symlink_to(ws / teacher)
     return folder
 
 
@@ -224,8 +232,7 @@ def _train(ws: Path, env: dict, runs: dict[str, list[str]]) -> dict[str, dict]:
         _, err = process.communicate(timeout=900)
         assert process.returncode == 0, f"{name}: {err[-3000:]}"
         kind = next(k for k in TRAINED if MODULE[k] in runs[name])
-        out[name] = torch.load(ws / "runs" / name / f"checkpoints/cifar10/{kind}.pt", map_location="cpu",
-                               weights_only=False)
+        out[name] = torch.load(ws / "runs" / name / _checkpoint(ws, kind), map_location="cpu", weights_only=False)
     return out
 
 
@@ -241,8 +248,9 @@ def layouts(tmp_path_factory) -> tuple[Path, dict, dict]:
                                 for shape in ("one", "accumulate")})
         out |= _train(ws, env, {f"{kind}.two": _command(kind, "two")})
         if kind == "teacher":  # CD distils from the one-process teacher
-            (ws / "checkpoints/cifar10").mkdir(parents=True)
-            (ws / "runs/teacher.one/checkpoints/cifar10/teacher.pt").rename(ws / "checkpoints/cifar10/teacher.pt")
+            teacher = _checkpoint(ws, "teacher")
+            (ws / teacher).parent.mkdir(parents=True)
+            (ws / "runs/teacher.one" / teacher).rename(ws / teacher)
     out |= _train(ws, _patched(ws, env, OWN_NOISE), {"ct.own_noise": _command("ct", "two")})
     return ws, env, out
 
@@ -268,6 +276,7 @@ def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layou
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["consistency-models"]).set_index("run_id")
+    runs = runs[runs["tags.role"] != "experiment"]  # the experiment's parent run holds the stage runs
     assert len(runs) == 1 + 3 * 3 + 1  # prepare_data's and one per training run, none from rank 1
     two = trained["ct.two"]["mlflow_run_id"]
     assert runs.loc[two, ["params.world_size", "params.micro_batch", "params.accumulation"]].tolist() == ["2", "2", "1"]
@@ -279,7 +288,8 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupt
     ws, env, trained = layouts
     process = subprocess.Popen(_command("ct", "two"), cwd=ws, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    resume = ws / "checkpoints/cifar10/ct.resume.pt"
+    final = ws / _checkpoint(ws, "ct")
+    resume = final.with_suffix(".resume.pt")
     deadline = time.monotonic() + 300
     while not resume.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -291,7 +301,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupt
     assert state["world_size"] == 2 and 5 <= state["step"] < STEPS, state["step"]
     out = run(_command("ct", "one"), ws, env)
     assert f"resuming ct from step {state['step']}" in out.stderr and "written by 2 processes, now 1" in out.stderr
-    resumed = torch.load(ws / "checkpoints/cifar10/ct.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(final, map_location="cpu", weights_only=False)
     assert resumed["step"] == STEPS and resumed["mlflow_run_id"] == state["mlflow_run_id"]
     assert largest_difference(trained["ct.one"], resumed) < TOLERANCE
 
@@ -305,7 +315,8 @@ def test_replicas_that_diverge_stop_the_run_at_the_first_checkpoint(layouts):
     assert result.returncode != 0
     assert ("train_ct: at step 5 the weights of rank(s) [1] (online, EMA or target) differ from rank 0's: the "
             "replicas diverged; no checkpoint written") in result.stderr
-    assert not list((folder / "checkpoints/cifar10").glob("ct*"))
+    ct = folder / _checkpoint(ws, "ct")
+    assert not list(ct.parent.glob(f"{ct.stem}*"))
 
 
 @pytest.mark.slow
@@ -315,7 +326,7 @@ def test_the_micro_dag_with_two_processes_per_training_stage_matches_one_process
     ws, env = workspace(tmp_path)
     use_float64(ws)
     set_training_resources(ws, cpus=2, processes=2, stages=("train_teacher",))
-    teacher = ws / "checkpoints/cifar10/teacher.pt"
+    teacher = ws / checkpoint(load(ws / "params.yaml"), "teacher")
     out = run([sys.executable, "-m", "snakemake", "--cores", "2", "-p", str(teacher.relative_to(ws))], ws, env)
     assert out.stderr.count("-m torch.distributed.run --standalone --nproc_per_node=2") == 1, out.stderr[-3000:]
     assert "resume" not in json.dumps(sorted(p.name for p in teacher.parent.iterdir()))

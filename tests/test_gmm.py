@@ -251,14 +251,16 @@ def test_prepare_data_draws_the_mixture_and_records_it_in_the_manifest(tmp_path,
     from pipeline.config import load
     from pipeline.data import load_split, to_model_range
     from pipeline.prepare_data import prepare
+    from pipeline.stages import data_dir
 
     cfg = load(ROOT / "params.yaml", "proof", ["data.gmm.train=300", "data.gmm.test=2000"])
     monkeypatch.chdir(tmp_path)
     manifest = prepare(cfg)
-    gm = GaussianMixture.from_dict(json.loads((tmp_path / "data/gmm/manifest.json").read_text())["mixture"])
+    folder = tmp_path / data_dir(cfg)
+    gm = GaussianMixture.from_dict(json.loads((folder / "manifest.json").read_text())["mixture"])
     assert torch.equal(gm.means, shape_mixture(8, 0.1).means) and manifest["source"] == "generated"
     assert manifest["splits"]["train"]["count"] == 300 and manifest["splits"]["test"]["count"] == 2000
-    images, labels = load_split(tmp_path / "data/gmm", "test")
+    images, labels = load_split(folder, "test")
     assert images.shape == (2000, 8, 8, 3) and images.dtype == "uint8"
     y = to_model_range(images).double()
     # uint8 rounding adds 1/127.5-wide uniform noise (std 0.0023 against s = 0.1): draws stay draws of the mixture.

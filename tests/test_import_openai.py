@@ -284,14 +284,15 @@ def test_cd_source_openai_imports_the_file_in_place_of_distillation(tmp_path, mo
     torch.save(import_openai.to_official_state_dict(ours.net), ws / "weights/cd_custom.pt")
     sets = [arg for s in ADM_SETS + ["cd.source=openai"] for arg in ("--set", s)]
     run([sys.executable, "-m", "pipeline.import_openai", "--model", "cd", *sets], ws, env)
-    imported = models.load_model(ws / "checkpoints/cifar10/cd.pt", cfg=cfg)
+    imported = models.load_model(ws / stages.checkpoint(cfg, "cd"), cfg=cfg)
     x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 20.0])
     with torch.no_grad():
         assert torch.equal(imported(x, sigma), ours.eval()(x, sigma))
     run([sys.executable, "-m", "pipeline.prepare_data", *sets], ws, env)
-    run([sys.executable, "-m", "pipeline.sample", "--model", "cd", *sets,
-         "--set", "sample.cd_schedules=[[80.0], [80.0, 0.821]]"], ws, env)
-    assert (ws / "samples/cifar10/cd.npz").is_file()
+    schedules = "sample.cd_schedules=[[80.0], [80.0, 0.821]]"
+    run([sys.executable, "-m", "pipeline.sample", "--model", "cd", *sets, "--set", schedules], ws, env)
+    sampled = config.load(ws / "params.yaml", overrides=ADM_SETS + ["cd.source=openai", schedules])
+    assert (ws / stages.samples(sampled, "cd")).is_file()
     wrong = subprocess.run([sys.executable, "-m", "pipeline.import_openai", "--model", "cd",
                             "--set", "cd.source=openai", "--set", "cd.openai_checkpoint=weights/cd_custom.pt"],
                            cwd=ws, env=env, capture_output=True, text=True)  # with the preset's NCSN++

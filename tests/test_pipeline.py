@@ -18,9 +18,25 @@ import yaml
 from conftest import copy_workspace, make_class_folders, run, workspace
 from PIL import Image
 
-from pipeline.config import load
+from pipeline.config import experiment, load
 from pipeline.prepare_data import read_class_folders
-from pipeline.stages import EDIT_TASKS, dvc_yaml, stages
+from pipeline.stages import (
+    EDIT_TASKS,
+    ablation_result,
+    checkpoint,
+    dvc_yaml,
+    edit_figure,
+    figure3,
+    loss_figure,
+    ref_features,
+    ref_stats,
+    sample_grid,
+    search_figure,
+    stages,
+    summary,
+    tables_dir,
+    two_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +75,12 @@ def test_snakefile_rules_are_the_stages():
                             text=True, env={**os.environ, "CIFAR10_SOURCE": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
     rules = set(result.stdout.split())
-    assert rules == {s.name for s in stages(load(ROOT / "params.yaml"))} | {"all"}
+    tiny, l1 = experiment(ROOT / "params.yaml", "tiny").load(ROOT / "params.yaml"), experiment(
+        ROOT / "params.yaml", "tiny_l1").load(ROOT / "params.yaml")
+    own = {s.outs[0] for s in stages(tiny)}  # tiny_l1's stages that tiny has too are the same rules
+    assert rules == ({s.name for s in stages(tiny)} | {"all", "publish", "compare"}
+                     | {f"{s.name}__tiny_l1" for s in stages(l1) if s.outs[0] not in own})
+    assert "distill_cd__tiny_l1" in rules and "train_teacher__tiny_l1" not in rules
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -96,19 +117,22 @@ def check_table2_explains_what_was_not_run(path: Path) -> None:
 def test_snakemake_runs_the_whole_dag_into_tables_figures_and_the_two_step_search(micro_dag):
     """The micro DAG is built once by Snakemake (conftest.micro_dag); this test and the two below read it."""
     ws, _ = micro_dag
+    cfg = load(ws / "params.yaml", "micro")
     table = check_table(ws / "results/tables/table1.csv")
     assert (ws / "results/tables/table1.md").read_text().count("| method | nfe | fid |") == 1
+    assert (ws / "results/tables/table1.md").read_bytes() == (ws / tables_dir(cfg) / "table1.md").read_bytes()
     check_table2_explains_what_was_not_run(ws / "results/tables/table2.csv")
-    reference = np.load(ws / "data/cifar10/fid_ref.npz")
-    features = np.load(ws / "data/cifar10/ref_features.npy")  # the same Inception pass as mu (micro: 16 and 16)
+    reference = np.load(ws / ref_stats(cfg))
+    features = np.load(ws / ref_features(cfg))  # the same Inception pass as mu (micro: 16 and 16)
     assert features.shape == (16, 2048) and np.allclose(features.mean(axis=0), reference["mu"], atol=1e-5)
-    editing = [f"editing_{task}" for task in EDIT_TASKS]
-    figure3 = ["figure3_a_metric", "figure3_b_solver", "figure3_d_ct_schedule"]
-    for figure in (["samples_teacher", "samples_cd", "samples_ct", "loss_teacher", "loss_cd", "loss_ct",
-                    "two_step_cd", "two_step_ct"] + editing + figure3):
-        assert (ws / f"results/figures/cifar10/{figure}.png").stat().st_size > 1000
+    figures = ([sample_grid(cfg, m) for m in ("teacher", "cd", "ct")] + [loss_figure(cfg, m) for m in
+               ("teacher", "cd", "ct")] + [search_figure(cfg, m) for m in ("cd", "ct")]
+               + [edit_figure(cfg, task) for task in EDIT_TASKS] + figure3(cfg))
+    assert len(figure3(cfg)) == 3
+    for figure in figures:
+        assert (ws / figure).stat().st_size > 1000
     # The 2-step rows use the searched time: a level of the CD grid (N = 18), chosen among the probes.
-    search = json.loads((ws / "results/metrics/cifar10/two_step_cd.json").read_text())
+    search = json.loads((ws / two_step(cfg, "cd")).read_text())
     assert 1 <= search["index"] <= 16 and search["fid"] == min(p["fid"] for p in search["probes"])
     assert table.sigmas[2] == f"80.0, {search['sigma']:.4g}"
 
@@ -120,7 +144,7 @@ def test_a_second_run_reruns_nothing_and_a_changed_param_only_its_stages(micro_d
     ws, env = copy_workspace(ws, env, tmp_path / "changed")
     params = (ws / "params.yaml").read_text()
     (ws / "params.yaml").write_text(params.replace("ct: {iterations: 3, batch: 4,", "ct: {iterations: 3, batch: 5,"))
-    assert dry_run_jobs(ws, env) == {"train_ct", "search_ct", "sample_ct", "evaluate_ct", "tables"}
+    assert dry_run_jobs(ws, env) == {"train_ct", "search_ct", "sample_ct", "evaluate_ct", "tables", "publish"}
 
 
 @pytest.mark.slow
@@ -130,10 +154,16 @@ def test_mlflow_holds_every_stage_run_with_its_params_metrics_and_the_figure3_hi
     ws, env = micro_dag
     table = pd.read_csv(ws / "results/tables/table1.csv")
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["consistency-models"])
+    every = mlflow.search_runs(experiment_names=["consistency-models"])
+    parent = every[every["tags.role"] == "experiment"]
+    runs = every[every["tags.role"] != "experiment"]
+    assert parent["tags.mlflow.runName"].tolist() == ["micro"]  # one parent run holds the experiment's runs
+    assert (runs["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]).all()
+    assert (runs["tags.experiment"] == "micro").all() and (runs["tags.dataset"] == "cifar10").all()
     assert sorted(runs["tags.stage"]) == sorted(s.name for s in stages(load(ws / "params.yaml", "micro")))
     assert (runs["status"] == "FINISHED").all() and (runs["tags.preset"] == "micro").all()
-    assert (runs["params.ct.s1"] == "10").all() and (runs["params.cd.solver"] == "heun").all()
+    own = runs[runs["tags.ablation"] != "figure3"]  # the ablation runs log their own knobs (below)
+    assert (own["params.ct.s1"] == "10").all() and (own["params.cd.solver"] == "heun").all()
     by_stage = runs.set_index("tags.stage")
     assert by_stage.loc["evaluate_cd", "metrics.fid_nfe2"] == pytest.approx(table.fid[2], abs=1e-3)
     assert by_stage.loc["evaluate_cd", "metrics.recall_nfe2"] == pytest.approx(table.recall[2], abs=1e-4)
@@ -145,10 +175,14 @@ def test_mlflow_holds_every_stage_run_with_its_params_metrics_and_the_figure3_hi
     assert set(ablations.index) == {"ablate_cd_l1", "ablate_cd_l2", "ablate_cd_euler_N9", "ablate_ct_fixed_N18",
                                     "ablate_ct_adaptive", "figure3"}
     assert ablations.loc["ablate_cd_euler_N9", "tags.knob.solver"] == "euler"
+    # Each logs the values it trained with: the compare view lines them up on the knobs that differ.
+    assert ablations.loc["ablate_cd_euler_N9", ["params.cd.solver", "params.cd.N"]].tolist() == ["euler", "9"]
+    assert ablations.loc["ablate_cd_l1", "params.cd.metric"] == "l1" != ablations.loc["ablate_cd_l2",
+                                                                                        "params.cd.metric"]
     assert ablations.loc["ablate_cd_l2", "tags.panels"] == "a_metric,b_solver"
     history = mlflow.MlflowClient().get_metric_history(ablations.loc["ablate_ct_fixed_N18", "run_id"], "fid_1step")
     assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
-    result = json.loads((ws / "results/ablations/cifar10/ct_fixed_N18.json").read_text())
+    result = json.loads((ws / ablation_result(load(ws / "params.yaml", "micro"), "ct_fixed_N18")).read_text())
     assert [e["iteration"] for e in result["evaluations"]] == [1, 2]
     assert result["section"]["schedule"] == "fixed" and result["section"]["s1"] == 17
 
@@ -161,8 +195,11 @@ def _git(ws, *args):
 @pytest.mark.slow
 def test_dvc_repro_then_push_clone_pull_and_one_param_change(tmp_path):
     """dvc repro builds the same DAG; push to a local remote, clone, pull: neither DVC nor Snakemake has anything
-    to do; then one param changes, and each re-runs exactly the stages that depend on it."""
+    to do; then one param changes, and each re-runs exactly the stages that depend on it. Paths named (DVC keeps
+    its experiments apart itself): `dvc exp run -S` then lists both experiments' FID."""
     ws, env = workspace(tmp_path)
+    text = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(text.replace("\n  paths: keyed ", "\n  paths: named ", 1))
     run([sys.executable, "-m", "pipeline.stages", "--dvc"], ws, env)
     _git(ws, "init", "-q")
     _git(ws, "add", "-A")
@@ -170,10 +207,11 @@ def test_dvc_repro_then_push_clone_pull_and_one_param_change(tmp_path):
     run(["dvc", "init", "-q"], ws, env)
     out = run(["dvc", "repro", "tables"], ws, env)  # the tables' ancestry; Snakemake's test runs the rest
     cfg = load(ws / "params.yaml", "micro")
+    assert cfg.run.paths == "named" and tables_dir(cfg) == "results/micro/tables"
     names = [s.name for s in stages(cfg)]
     ran = {name for name in names if f"Running stage '{name}'" in out.stdout}
     assert ran == {n for n in names if not n.startswith(("edit_", "ablate_", "figure3"))}
-    check_table(ws / "results/tables/table1.csv")
+    check_table(ws / tables_dir(cfg) / "table1.csv")
     again = run(["dvc", "repro", "tables"], ws, env)
     assert "Running stage" not in again.stdout
 
@@ -184,12 +222,14 @@ def test_dvc_repro_then_push_clone_pull_and_one_param_change(tmp_path):
     clone = tmp_path / "clone"
     _git(tmp_path, "clone", "-q", str(ws), str(clone))
     clone_env = {**env, "PYTHONPATH": str(clone)}
-    assert not (clone / "checkpoints/cifar10/ct.pt").exists()
+    ct = checkpoint(cfg, "ct")
+    assert ct == "checkpoints/micro/ct.pt" and not (clone / ct).exists()
     run([sys.executable, "-m", "pipeline.versions", "pull"], clone, clone_env)
-    assert (clone / "checkpoints/cifar10/ct.pt").read_bytes() == (ws / "checkpoints/cifar10/ct.pt").read_bytes()
+    assert (clone / ct).read_bytes() == (ws / ct).read_bytes()
     assert "Data and pipelines are up to date." in run(["dvc", "status", "--with-deps", "tables"], clone,
                                                         clone_env).stdout
-    dry = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "results/tables/table1.csv"], clone, clone_env)
+    dry = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", f"{tables_dir(cfg)}/table1.csv"], clone,
+              clone_env)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
     # One param: the stages that name it, then (Snakemake) everything downstream of them.
@@ -205,5 +245,23 @@ def test_dvc_repro_then_push_clone_pull_and_one_param_change(tmp_path):
     assert direct == {"evaluate_teacher", "evaluate_cd", "evaluate_ct"} and downstream == direct | {"tables"}
     dvc_dry = run(["dvc", "repro", "--dry", "tables"], clone, clone_env).stdout
     assert {n for n in names if f"Running stage '{n}'" in dvc_dry} == direct  # DVC: downstream once outputs change
-    dry = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "results/tables/table1.csv"], clone, clone_env)
+    dry = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", f"{tables_dir(cfg)}/table1.csv"], clone,
+              clone_env)
     assert {line.split()[1].rstrip(":") for line in dry.stdout.splitlines() if line.startswith("rule ")} == downstream
+
+    # DVC's own comparison: an experiment with one knob changed, beside the baseline, FID from the flat metrics.
+    exp = run(["dvc", "exp", "run", "-n", "cd_l1", "-S", "presets.micro.cd.metric=l1", "tables"], ws, env)
+    assert {n for n in names if f"Running stage '{n}'" in exp.stdout} == {
+        "distill_cd", "search_cd", "sample_cd", "evaluate_cd", "tables"}
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], ws, env).stdout)
+    fids = {}
+    for commit in shown:
+        for entry in [commit] + [e for group in commit.get("experiments") or [] for e in group.get("revs", [])]:
+            data = entry.get("data") or {}
+            values = ((data.get("metrics") or {}).get(summary(cfg, "cd")) or {}).get("data") or {}
+            if "fid_nfe1" in values:
+                fids[data.get("name") or entry.get("name") or data.get("rev")] = values["fid_nfe1"]
+    fids.pop("workspace", None)  # the files on disk: the last experiment's
+    assert len(fids) == 2 and "cd_l1" in fids and len(set(fids.values())) == 2, fids  # the baseline's and cd_l1's
+    table = run(["dvc", "exp", "show", "--csv", "--only-changed"], ws, env).stdout
+    assert "fid_nfe1" in table.splitlines()[0] and "cd_l1" in table, table

@@ -18,7 +18,7 @@ from conftest import run, workspace
 from PIL import Image
 
 from pipeline.config import load
-from pipeline.stages import EDIT_TASKS
+from pipeline.stages import EDIT_TASKS, checkpoint, data_dir, edit_outputs, samples, split_paths, two_step
 
 lmdb = pytest.importorskip("lmdb")
 
@@ -64,36 +64,39 @@ def check_table2(path: Path, dataset: str) -> pd.DataFrame:
 @pytest.mark.slow
 def test_imagenet64_column_runs_class_conditional_at_micro_size(tmp_path):
     ws, env = workspace(tmp_path, "paper_imagenet64+micro")
-    write_imagenet64(ws / "data/raw/imagenet64", per_batch=4, val=10)
+    cfg = load(ws / "params.yaml")
+    write_imagenet64(ws / cfg.data.source, per_batch=4, val=10)
     run([sys.executable, "-m", "snakemake", "--cores", "2"], ws, env)
     check_table2(ws / "results/tables/table2.csv", "ImageNet 64x64")
-    ckpt = torch.load(ws / "checkpoints/imagenet64/cd.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ws / checkpoint(cfg, "cd"), map_location="cpu", weights_only=False)
     assert ckpt["shape"] == {"resolution": 64, "label_dim": 1000} and ckpt["network"]["arch"] == "adm"
     assert ckpt["ema"]["net.map_label.weight"].shape[1] == 1000  # the labels enter the network
-    with np.load(ws / "samples/imagenet64/cd.npz") as f:
+    with np.load(ws / samples(cfg, "cd")) as f:
         assert f["nfe1"].shape == (12, 64, 64, 3) and len(set(f["labels"].tolist())) > 1
         assert 0 <= f["labels"].min() and f["labels"].max() < 1000
     # The 2-step time comes from CD's grid of N = 40 levels, as the paper's 1.382 (level 22 of 40).
-    search = json.loads((ws / "results/metrics/imagenet64/two_step_cd.json").read_text())
+    search = json.loads((ws / two_step(cfg, "cd")).read_text())
     assert search["grid"] == 40 and 1 <= search["index"] <= 38
-    cfg = load(ws / "params.yaml")
     assert cfg.data.label_dim == 1000 and cfg.cd.N == 40
-    for task in EDIT_TASKS:
-        assert (ws / f"results/figures/imagenet64/editing_{task}.png").stat().st_size > 1000
-    manifest = json.loads((ws / "data/imagenet64/manifest.json").read_text())
+    *figures, _ = edit_outputs(cfg, cfg.edit.model)
+    assert len(figures) == len(EDIT_TASKS)
+    for figure in figures:
+        assert (ws / figure).stat().st_size > 1000
+    manifest = json.loads((ws / data_dir(cfg) / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 40 and manifest["splits"]["test"]["count"] == 10
 
 
 @pytest.mark.slow
 def test_lsun_bedroom_column_runs_at_256_micro_size(tmp_path):
     ws, env = workspace(tmp_path, "paper_lsun_bedroom+micro")
-    (ws / "data/raw/lsun").mkdir(parents=True)
-    write_lsun_lmdb(ws / "data/raw/lsun/bedroom_train_lmdb", 24)
+    cfg = load(ws / "params.yaml")
+    (ws / cfg.data.source).mkdir(parents=True)
+    write_lsun_lmdb(ws / cfg.data.source / "bedroom_train_lmdb", 24)
     run([sys.executable, "-m", "snakemake", "--cores", "2", "results/tables/table2.csv"], ws, env)
     check_table2(ws / "results/tables/table2.csv", "LSUN Bedroom 256x256")
-    images = np.load(ws / "data/lsun_bedroom/train_images.npy", mmap_mode="r")
+    images = np.load(ws / split_paths(cfg, "train")[0], mmap_mode="r")
     assert images.shape == (22, 256, 256, 3)  # 24 minus the held-out tail of max(1, 24 // 10) = 2
-    with np.load(ws / "samples/lsun_bedroom/ct.npz") as f:
+    with np.load(ws / samples(cfg, "ct")) as f:
         assert f["nfe2"].shape == (12, 256, 256, 3)
-    ckpt = torch.load(ws / "checkpoints/lsun_bedroom/teacher.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ws / checkpoint(cfg, "teacher"), map_location="cpu", weights_only=False)
     assert ckpt["shape"] == {"resolution": 256, "label_dim": 0}

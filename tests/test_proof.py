@@ -10,12 +10,15 @@ preset's 4 steps on CIFAR-10 images. It runs the DAG the way `make proof` does (
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import run, workspace
 
 from pipeline import proof
+from pipeline.config import load
+from pipeline.stages import checkpoint, data_dir, proof_outputs
 
 
 @pytest.mark.slow
@@ -38,6 +41,13 @@ def test_the_proof_dag_shows_the_papers_four_claims(tmp_path):
     assert abs(truth.nll_gap) < 0.05 and truth.on_mode > 0.998 and truth.mode_tv < 0.05
     # The exact denoiser's 1-step Euler sample lands on no mode: the data tells one step from a consistency model.
     assert table.iloc[1].on_mode == 0.0
-    assert (ws / "results/figures/gmm/proof.png").stat().st_size > 10_000
+    # The experiment's own table, Markdown and figure, and their copies in results/tables/ (stage publish).
+    own = proof_outputs(load(ws / "params.yaml", "proof"))
+    assert [Path(o).name for o in own] == ["proof.csv", "proof.md", "proof.png"]
+    for path in own:
+        assert (ws / path).read_bytes() == (ws / "results/tables" / Path(path).name).read_bytes()
+    assert (ws / own[2]).stat().st_size > 10_000
     # Nothing of the micro preset (params.yaml's own) was built: every stage ran with --preset proof.
-    assert not (ws / "data/cifar10").exists() and (ws / "checkpoints/gmm/ct.pt").is_file()
+    micro, ran = load(ws / "params.yaml"), load(ws / "params.yaml", "proof")
+    assert not (ws / data_dir(micro)).exists() and not (ws / checkpoint(micro, "ct")).exists()
+    assert (ws / checkpoint(ran, "ct")).is_file()

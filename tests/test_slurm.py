@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load
+from pipeline.stages import checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 PROFILE = REPO / "slurm"
@@ -254,8 +257,9 @@ def parallel_dag(slurm_cluster, tmp_path_factory):
                                  stderr=subprocess.PIPE, text=True)
     set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_teacher",), processes=2)
     set_training_resources(ws, cpus=2, mem_mb=3000, stages=("train_ct",), processes=2, launch="srun")
+    cfg = load(ws / "params.yaml")
     cmd = [*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", "-j", "1", *FAST_POLLING, "-p",
-           "--slurm-keep-successful-logs", *(f"checkpoints/cifar10/{kind}.pt" for kind in PARALLEL)]
+           "--slurm-keep-successful-logs", *(checkpoint(cfg, kind) for kind in PARALLEL)]
     proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=1200, env=_env(**{
         k: env[k] for k in ("CIFAR10_SOURCE", "PYTHONPATH", "MLFLOW_TRACKING_URI", "PATH")}))
     log = proc.stdout + proc.stderr
@@ -271,8 +275,9 @@ def test_two_process_training_through_sbatch_matches_one_process(parallel_dag):
 
     ws, _, ref_ws = parallel_dag
     for kind in PARALLEL:
-        mine = torch.load(ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
-        one = torch.load(ref_ws / f"checkpoints/cifar10/{kind}.pt", map_location="cpu", weights_only=False)
+        mine = torch.load(ws / checkpoint(load(ws / "params.yaml"), kind), map_location="cpu", weights_only=False)
+        one = torch.load(ref_ws / checkpoint(load(ref_ws / "params.yaml"), kind), map_location="cpu",
+                         weights_only=False)
         assert mine["world_size"] == 2 and one["world_size"] == 1, kind
         assert largest_difference(one, mine) < 1e-5, kind
 
@@ -356,7 +361,8 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
     (ws, env), (ref_ws, ref_env) = workspaces
     set_training_resources(ws, runtime=2, mem_mb=2000)  # sbatch -t 2 and --signal=URG@60
     (ws / "patch").mkdir()
-    resume_file = repr(str(ws / "checkpoints/cifar10/teacher.resume.pt"))
+    teacher = checkpoint(load(ws / "params.yaml"), "teacher")
+    resume_file = repr(str((ws / teacher).with_suffix(".resume.pt")))
     (ws / "patch" / "sitecustomize.py").write_text(
         SLOW_STEPS.replace("STEP_SLEEP", str(step_sleep)).replace("RESUME_FILE", resume_file))
     env = {**env, "PYTHONPATH": f"{ws / 'patch'}{os.pathsep}{env['PYTHONPATH']}"}
@@ -368,7 +374,7 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
     releaser.start()
     try:
         cmd = [*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", "-j", "1", *FAST_POLLING,
-               "--slurm-keep-successful-logs", "checkpoints/cifar10/teacher.pt"]
+               "--slurm-keep-successful-logs", teacher]
         proc = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=1500, env=_env(
             **{k: env[k] for k in ("CIFAR10_SOURCE", "PYTHONPATH", "MLFLOW_TRACKING_URI", "PATH")},
             OMP_NUM_THREADS="1"))
@@ -390,7 +396,8 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
     assert slurm_log.count("requeued this SLURM job") == legs - 1, slurm_log[-3000:]
     assert slurm_log.count("resuming teacher from step") == legs - 1, slurm_log[-3000:]
     print(f"{legs} legs: {history}")
-    resumed = torch.load(ws / "checkpoints/cifar10/teacher.pt", map_location="cpu", weights_only=False)
-    uninterrupted = torch.load(ref_ws / "checkpoints/cifar10/teacher.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(ws / teacher, map_location="cpu", weights_only=False)
+    uninterrupted = torch.load(ref_ws / checkpoint(load(ref_ws / "params.yaml"), "teacher"), map_location="cpu",
+                               weights_only=False)
     assert resumed["step"] == uninterrupted["step"] == iterations
     assert largest_difference(uninterrupted, resumed) == 0  # bit for bit

@@ -3,6 +3,7 @@ a training step, bf16 and torch.compile against eager fp32, and the benchmark's 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from pipeline import bench, config
 from pipeline.data import Batches, choose_placement, to_model_range, training_images
 from pipeline.models import ema_update
+from pipeline.stages import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +96,12 @@ def synthetic(tmp_path, monkeypatch):
     bench.write_synthetic_workspace(micro_config(), images=32)
 
     def step(kind: str, *sets: str):
-        return bench.training_step(micro_config(*sets), kind)
+        cfg = micro_config(*sets)
+        teacher = Path(checkpoint(cfg, "teacher"))
+        if not teacher.exists():  # a knob of the teacher's key (run.mixed_precision, ...): the same random teacher
+            teacher.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(checkpoint(micro_config(), "teacher"), teacher)
+        return bench.training_step(cfg, kind)
 
     return step
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.config import experiment
+from pipeline.config import load as load_config
+from pipeline.stages import metrics
 from pipeline.tables import (
     PAPER,
     TABLE1_COLUMNS,
@@ -18,7 +21,6 @@ from pipeline.tables import (
     build_table1,
     build_table2,
     load_results,
-    metrics_path,
     to_markdown,
 )
 
@@ -37,9 +39,21 @@ def write(dataset: str, model: str, rows: list[dict], /, **extra) -> None:
     doc = {"model": model, "dataset": dataset, "preset": "tiny", "training": "l2, heun, N=18, 10 it",
            "mlflow_run_id": "a" * 32, "inception": "x", "mode": "legacy_tensorflow", "ref_images": 100,
            "pr_ref_images": 100, "pr_k": 3, "rows": rows, **extra}
-    path = metrics_path(dataset, model)
+    write_at(metrics_file(dataset, model), doc)
+
+
+def write_at(path: str | Path, doc: dict) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc))
+
+
+def metrics_file(dataset: str, model: str) -> Path:
+    return Path("results/metrics") / dataset / f"{model}.json"
+
+
+def load() -> dict:
+    return load_results(sorted(Path("results/metrics").rglob("*.json")))
 
 
 def keys(table: pd.DataFrame, *columns: str) -> list[tuple]:
@@ -94,7 +108,7 @@ def test_paper_values_match_paper_facts_fids():
 
 def test_our_numbers_are_copied_rounded_as_documented():
     write("cifar10", "cd", [row(1), row(2)])
-    t1 = build_table1(load_results())
+    t1 = build_table1(load())
     cd = t1[t1.method == "CD"].reset_index(drop=True)
     assert keys(cd, "nfe", "paper_nfe") == [(1, 1), (2, 2)]
     assert cd.fid[0] == 12.346 and cd["is"][0] == 7.123 and cd.kid[0] == 0.012346
@@ -108,19 +122,19 @@ def test_our_numbers_are_copied_rounded_as_documented():
 
 def test_teacher_row_pairs_the_papers_35_nfe_with_our_sampler_whatever_its_nfe():
     write("cifar10", "teacher", [row(17, sigmas=[80.0 / 2**i for i in range(9)] + [0.002])])
-    teacher = build_table1(load_results()).iloc[0]
+    teacher = build_table1(load()).iloc[0]
     assert (teacher.method, teacher.nfe, teacher.paper_nfe, teacher.paper_fid) == ("EDM teacher", 17, 35, 2.04)
     assert teacher.sigmas == "80.0, 40.0, ..., 0.002 (10 times)"
 
 
 def test_a_missing_nfe_and_an_extra_nfe_are_explained():
     write("cifar10", "ct", [row(1), row(4, sigmas=[80.0, 10.0, 2.0, 0.5])])
-    ct = build_table1(load_results()).query("method == 'CT'").reset_index(drop=True)
+    ct = build_table1(load()).query("method == 'CT'").reset_index(drop=True)
     assert keys(ct, "nfe") == [(1,), (2,), (4,)]
     assert ct.notes[1] == "not sampled at 2 NFE here: results/metrics/cifar10/ct.json has NFE 1, 4"
     assert empty(ct.fid[1]) and ct.paper_fid[1] == 5.83
     assert ct.notes[2] == "the paper's table has no CT row at 4 NFE" and empty(ct.paper_fid[2])
-    assert_every_empty_cell_explained(build_table1(load_results()))
+    assert_every_empty_cell_explained(build_table1(load()))
 
 
 def test_null_is_precision_and_old_files_are_explained():
@@ -129,7 +143,7 @@ def test_null_is_precision_and_old_files_are_explained():
     write("cifar10", "cd", [row(1, **nulls)])
     old = {k: v for k, v in row(1).items() if k not in ("kid", "precision", "recall", "pr_note", "sigmas")}
     write("cifar10", "ct", [old])  # written before KID, precision/recall and sampling times
-    t1 = build_table1(load_results()).set_index(["method", "nfe"])
+    t1 = build_table1(load()).set_index(["method", "nfe"])
     cd, ct = t1.loc[("CD", 1)], t1.loc[("CT", 1)]
     assert empty(cd["is"]) and cd.is_note == "IS unavailable: x"
     assert empty(cd.precision) and cd.pr_note == "precision/recall unavailable: k"
@@ -143,7 +157,7 @@ def test_table2_takes_each_dataset_that_has_files_and_a_teacher_only_where_we_ha
     write("lsun_cat", "teacher", [row(79, sigmas=None)])
     write("lsun_cat", "cd", [row(1), row(2)])
     write("cifar10", "ct", [row(1)])  # other datasets' files do not leak into Table 2
-    t2 = build_table2(load_results())
+    t2 = build_table2(load())
     cat = t2[t2.dataset == "LSUN Cat 256x256"].reset_index(drop=True)
     assert keys(cat, "method", "nfe") == [("EDM teacher", 79), ("CD", 1), ("CD", 2), ("CT", 1), ("CT", 2)]
     assert keys(cat, "paper_fid", "paper_precision", "paper_recall")[:3] == [
@@ -154,10 +168,11 @@ def test_table2_takes_each_dataset_that_has_files_and_a_teacher_only_where_we_ha
     assert_every_empty_cell_explained(t2)
 
 
-def test_a_file_for_another_dataset_or_model_is_refused():
+def test_two_files_of_one_dataset_and_model_are_refused():
     write("imagenet64", "cd", [row(1)], dataset="cifar10")
-    with pytest.raises(ValueError, match="imagenet64/cd.json holds cifar10/cd, not imagenet64/cd"):
-        load_results()
+    write("cifar10", "cd", [row(1)])
+    with pytest.raises(ValueError, match="imagenet64/cd.json and .*cifar10/cd.json both hold cifar10/cd"):
+        load()
 
 
 def test_markdown_escapes_pipes_and_leaves_empty_cells_empty():
@@ -165,20 +180,51 @@ def test_markdown_escapes_pipes_and_leaves_empty_cells_empty():
     assert md.splitlines()[2:] == ["| 1 | x\\|y |", "|  |  |"]
 
 
-def test_stage_writes_and_logs_both_tables(workspace):
-    (workspace / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    write("cifar10", "cd", [row(1), row(2)])
-    write("imagenet64", "ct", [row(1), row(2)])
+def run_stage(workspace: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.tables", "--config", "params.yaml"], cwd=workspace,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "pipeline.tables", "--config", "params.yaml", *args],
+                            cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    tables = workspace / "results" / "tables"
+    return result
+
+
+def test_stage_writes_and_logs_both_tables_of_its_experiment_and_publish_copies_them(workspace):
+    (workspace / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    cfg = load_config(workspace / "params.yaml")
+    write_at(metrics(cfg, "cd"), {**json.loads(json.dumps(DOC)), "rows": [row(1), row(2)]})
+    write("imagenet64", "ct", [row(1), row(2)])  # another experiment's file: not this experiment's tables
+    run_stage(workspace)
+    tables = workspace / "results" / cfg.name / "tables"
     assert sorted(p.name for p in tables.iterdir()) == ["table1.csv", "table1.md", "table2.csv", "table2.md"]
     t1, t2 = pd.read_csv(tables / "table1.csv"), pd.read_csv(tables / "table2.csv")
     assert list(t1.columns) == TABLE1_COLUMNS and list(t2.columns) == TABLE2_COLUMNS
-    assert len(t1) == 5 and len(t2) == 12
-    assert t2.set_index(["dataset", "method", "nfe"]).loc[("ImageNet 64x64", "CT", 2), "fid"] == 12.346
+    assert len(t1) == 5 and len(t2) == 12 and t2.fid.isna().all()
+    assert t1.set_index(["method", "nfe"]).loc[("CD", 2), "fid"] == 12.346
     assert (tables / "table2.md").read_text().startswith("Table 2: ImageNet 64x64")
     logged = {p.name for p in workspace.rglob("table*.*") if tables not in p.parents}
     assert logged == {"table1.csv", "table1.md", "table2.csv", "table2.md"}  # MLflow artifacts
+    run_stage(workspace, "--publish")
+    for name in ("table1.csv", "table1.md", "table2.csv", "table2.md"):
+        assert (workspace / "results/tables" / name).read_bytes() == (tables / name).read_bytes()
+
+
+DOC = {"model": "cd", "dataset": "cifar10", "preset": "tiny", "training": "x", "mlflow_run_id": "b" * 32, "rows": []}
+
+
+def test_compare_lines_up_the_experiments_of_params_yaml_with_the_knobs_they_differ_in(workspace):
+    text = (ROOT / "params.yaml").read_text()
+    assert "compare: [tiny, tiny_l1]" in text and "tiny_l1: {preset: tiny, set: {cd.metric: l1}}" in text
+    (workspace / "params.yaml").write_text(text)
+    tiny, l1 = (experiment(workspace / "params.yaml", n).load(workspace / "params.yaml") for n in ("tiny", "tiny_l1"))
+    assert [metrics(tiny, m) == metrics(l1, m) for m in ("teacher", "cd", "ct")] == [True, False, True]  # shared
+    for model, fid in (("teacher", 5.0), ("cd", 20.0), ("ct", 40.0)):
+        write_at(metrics(tiny, model), DOC | {"model": model, "rows": [row(1, fid=fid)]})
+    write_at(metrics(l1, "cd"), DOC | {"rows": [row(1, fid=30.0)]})
+    run_stage(workspace, "--compare")
+    table = pd.read_csv(workspace / "results/tables/compare.csv")
+    assert keys(table, "experiment", "method", "fid") == [
+        ("tiny", "EDM teacher", 5.0), ("tiny", "CD", 20.0), ("tiny", "CT", 40.0),
+        ("tiny_l1", "EDM teacher", 5.0), ("tiny_l1", "CD", 30.0), ("tiny_l1", "CT", 40.0)]
+    knobs = [c for c in table.columns if "." in c]
+    assert knobs == ["cd.metric"] and table["cd.metric"].tolist() == ["l2"] * 3 + ["l1"] * 3  # run.name: not a knob
+    assert "| tiny_l1 | tiny | cifar10 | CD |" in (workspace / "results/tables/compare.md").read_text()

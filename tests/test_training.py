@@ -9,24 +9,33 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run, workspace
 
+from pipeline.config import load
+from pipeline.stages import checkpoint
+
 ITERATIONS = 40
-SETTINGS = ["--set", f"teacher.iterations={ITERATIONS}", "--set", "teacher.checkpoint_every=1000",
-            "--set", "teacher.log_every=5", "--set", "run.threads=1"]
+SETS = [f"teacher.iterations={ITERATIONS}", "teacher.checkpoint_every=1000", "teacher.log_every=5", "run.threads=1"]
+SETTINGS = [arg for knob in SETS for arg in ("--set", knob)]
+
+
+def _teacher(ws: Path, *sets: str) -> Path:
+    """Where train_teacher writes its checkpoint with SETS and `sets` (the resume file: .resume.pt beside it)."""
+    return ws / checkpoint(load(ws / "params.yaml", overrides=[*SETS, *sets]), "teacher")
 
 
 def _train(ws, env) -> dict:
     run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS], ws, env)
-    return torch.load(ws / "checkpoints/cifar10/teacher.pt", weights_only=False)
+    return torch.load(_teacher(ws), weights_only=False)
 
 
-def _interrupt_after(ws, env, step: int) -> int:
+def _interrupt_after(ws, env, step: int, *extra: str) -> int:
     """Start training, send SIGTERM once the progress bar passes `step`; return the exit code."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS], cwd=ws, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS, *extra], cwd=ws, env=env,
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     seen = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), "")), daemon=True)
@@ -48,15 +57,16 @@ def _interrupt_after(ws, env, step: int) -> int:
 def test_sigterm_saves_a_resume_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path):
     ws, env = workspace(tmp_path)
     run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
+    final = _teacher(ws)
     reference = _train(ws, env)
-    (ws / "checkpoints/cifar10/teacher.pt").unlink()
+    final.unlink()
 
     assert _interrupt_after(ws, env, step=10) == 128 + signal.SIGTERM
-    resume = torch.load(ws / "checkpoints/cifar10/teacher.resume.pt", weights_only=False)
-    assert 10 <= resume["step"] < ITERATIONS and not (ws / "checkpoints/cifar10/teacher.pt").exists()
+    resume = torch.load(final.with_suffix(".resume.pt"), weights_only=False)
+    assert 10 <= resume["step"] < ITERATIONS and not final.exists()
 
     resumed = _train(ws, env)
-    assert not (ws / "checkpoints/cifar10/teacher.resume.pt").exists()
+    assert not final.with_suffix(".resume.pt").exists()
     assert resumed["step"] == reference["step"] == ITERATIONS
     assert resumed["mlflow_run_id"] == resume["mlflow_run_id"]  # the same MLflow run continues
     for key in ("model", "ema"):
@@ -66,9 +76,16 @@ def test_sigterm_saves_a_resume_checkpoint_and_the_rerun_ends_as_an_uninterrupte
 
 @pytest.mark.slow
 def test_a_resume_checkpoint_from_other_params_is_not_used(tmp_path):
+    """run.paths named: other params write the same checkpoint path, so the resume file's params are checked. (Keyed
+    paths give other params other files: their resume file is not even read.)"""
     ws, env = workspace(tmp_path)
-    run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
-    _interrupt_after(ws, env, step=5)
-    out = run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS, "--set", "teacher.lr=5e-4"], ws, env)
+    named = "run.paths=named"
+    run([sys.executable, "-m", "pipeline.prepare_data", "--set", named], ws, env)
+    _interrupt_after(ws, env, 5, "--set", named)
+    assert _teacher(ws) != _teacher(ws, "teacher.lr=5e-4")  # keyed
+    assert _teacher(ws, named) == _teacher(ws, named, "teacher.lr=5e-4")
+    assert _teacher(ws, named).with_suffix(".resume.pt").is_file()
+    out = run([sys.executable, "-m", "pipeline.train_teacher", *SETTINGS, "--set", named, "--set", "teacher.lr=5e-4"],
+              ws, env)
     assert "params changed since it was written; starting afresh" in out.stderr
-    assert torch.load(ws / "checkpoints/cifar10/teacher.pt", weights_only=False)["step"] == ITERATIONS
+    assert torch.load(_teacher(ws, named), weights_only=False)["step"] == ITERATIONS
