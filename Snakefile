@@ -74,14 +74,17 @@ for rule_name, stage, chosen, cfg in RULES.values():
             stage.outs,
         params:
             values=stage.param_values(cfg) if stage.params else stage.key,  # a change of a tracked knob re-runs it
-            cmd=stage.cmd + chosen.cli_args(),  # bound now: `shell:` runs after the loop
+            cmd=stage.cmd,  # bound now: `shell:` runs after the loop
         threads: request.cpus
         conda:
             "envs/pipeline.yaml"  # used with --software-deployment-method conda (cluster nodes without our venv)
         resources:
+            # The experiment's --preset/--set: a string resource, not a param, because Snakemake re-runs a rule whose
+            # params change, and a stage two experiments share must not re-run when the other one asks for it.
+            experiment=chosen.cli_args() or " ",
             **slurm,
         shell:
-            "{params.cmd}"
+            "{params.cmd}{resources.experiment}"
 
 
 onstart:

@@ -124,7 +124,7 @@ def test_a_named_variant_beside_the_preset_shares_its_upstream_stages_and_keeps_
     before = {p: (ws / p).stat().st_mtime_ns for p in shared}
     config = ["--config", "preset=micro", 'set=["cd.metric=l1"]', "name=micro_l1"]
     target = f"{tables_dir(variant)}/table1.csv"
-    out = run([sys.executable, "-m", "snakemake", "--cores", "2", *config, target], ws, env)
+    out = run([sys.executable, "-m", "snakemake", "--cores", "2", target, *config], ws, env)  # --config: last
     ran = {line.split()[1].rstrip(":") for line in out.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
     assert ran == {"distill_cd", "search_cd", "sample_cd", "evaluate_cd", "tables"}, out.stderr[-3000:]
     assert {p: (ws / p).stat().st_mtime_ns for p in shared} == before  # the teacher, CT, data: not touched
@@ -136,7 +136,7 @@ def test_a_named_variant_beside_the_preset_shares_its_upstream_stages_and_keeps_
     t_base, t_variant = (pd.read_csv(ws / tables_dir(c) / "table1.csv") for c in (base, variant))
     assert t_base.fid[0] == t_variant.fid[0] and t_base.fid[3] == t_variant.fid[3]  # one teacher, one CT
     assert t_base.fid[1] != t_variant.fid[1]  # two CDs
-    again = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", *config, target], ws, env)
+    again = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", target, *config], ws, env)
     assert "Nothing to be done" in again.stdout + again.stderr  # a re-run re-does nothing
     first = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", f"{tables_dir(base)}/table1.csv"], ws, env)
     assert "Nothing to be done" in first.stdout + first.stderr  # and the preset's own outputs are still current
@@ -145,10 +145,13 @@ def test_a_named_variant_beside_the_preset_shares_its_upstream_stages_and_keeps_
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["consistency-models"])
-    cd_runs = runs[runs["tags.stage"] == "distill_cd"].set_index("params.run.name", drop=False)
-    assert cd_runs.loc["micro_l1", "params.cd.metric"] == "l1"
-    assert json.loads(Path(ws / metrics(variant, "cd")).read_text())["mlflow_run_id"] == cd_runs.loc["micro_l1",
-                                                                                                      "run_id"]
+    every = runs[runs["tags.experiment"] == "micro_l1"]
+    parent, mine = every[every["tags.role"] == "experiment"], every[every["tags.role"] != "experiment"]
+    mine = mine.set_index("tags.stage")
+    assert len(parent) == 1 and set(mine.index) == ran  # the variant's runs, under its own parent run
+    assert (mine["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]).all()
+    assert mine.loc["distill_cd", "params.cd.metric"] == "l1"
+    assert json.loads((ws / metrics(variant, "cd")).read_text())["mlflow_run_id"] == mine.loc["evaluate_cd", "run_id"]
 
 
 @pytest.mark.slurm
@@ -159,7 +162,7 @@ def test_config_reaches_a_job_submitted_through_slurm(slurm_cluster, tmp_path): 
     manifest = f"{data_dir(small)}/manifest.json"
     assert manifest != f"{data_dir(load(ws / 'params.yaml', 'micro'))}/manifest.json"
     proc = subprocess.run([*_snakemake_cmd(), "--profile", str(PROFILE), "--slurm-no-account", *FAST_POLLING,
-                           "--config", "preset=micro", 'set=["data.max_train=5"]', "name=micro_small", manifest],
+                           manifest, "--config", "preset=micro", 'set=["data.max_train=5"]', "name=micro_small"],
                           cwd=ws, capture_output=True, text=True, timeout=600, env=_env_without_slurm(env))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "submitted with SLURM jobid" in log, log[-3000:]
