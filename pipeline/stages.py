@@ -125,8 +125,7 @@ class Layout:
         return self._result("ablations", run, self.keys[f"ablate_{run}"], ".csv")
 
     def ablation_checkpoint(self, run: str) -> str:
-        return _file(self.cfg, "checkpoints", "checkpoints", f"ablations/{run}" if self.cfg.run.paths == "named"
-                     else f"ablations/{run}", self.keys[f"ablate_{run}"], ".pt")
+        return _file(self.cfg, "checkpoints", "checkpoints", f"ablations/{run}", self.keys[f"ablate_{run}"], ".pt")
 
     def _result(self, kind: str, stem: str, key: str, suffix: str = ".json") -> str:
         return _file(self.cfg, f"results/{kind}", "results", f"{kind}/{stem}" if self.cfg.run.paths == "named"
