@@ -8,6 +8,8 @@
 #   snakemake --cores 2 --config experiment=tiny_l1      # a named experiment of params.yaml
 #   snakemake --cores 2 --config preset=tiny set='["cd.N=9"]' name=tiny_N9   # a variant named on the command line
 #   snakemake --cores 2 results/tables/compare.csv       # the experiments of params.yaml's compare:, side by side
+#   snakemake --cores 2 results/tables/table3.csv        # CD, CT, iCT, ECT of params.yaml's table3: experiments
+#                                                        # (--config table3='["micro", ...]' names others)
 #   snakemake --profile slurm results/tables/table1.csv  # on a SLURM cluster (see slurm/config.yaml)
 import os
 import shutil
@@ -20,23 +22,31 @@ from pipeline import tracking
 from pipeline.config import (ConfigError, LpipsWeightsMissing, check_data_source, check_lpips_weights, compare_names,
                              experiment, selected)
 from pipeline.stages import (check_writable, compare_stage, misfit, old_layout, publish_stage, read_partitions,
-                             slurm_resources, stages, targets)
+                             slurm_resources, stages, table3_stage, targets)
 
 # The experiment: params.yaml's, or --config experiment=NAME | preset=NAME [set='["key=value", ...]' name=NAME]. Its stages
 # and those of the experiments in params.yaml's compare: are rules; stages two experiments agree on (same outputs:
 # the same params and inputs) are one rule, run once.
+# Table 3's experiments (params.yaml's table3:, or --config table3=[...]) are rules too; their inputs (an EDM pickle,
+# ImageNet) are checked in onstart, and only when this call runs one of their jobs.
 try:
-    SELECTED = selected("params.yaml", config)
+    options = {k: v for k, v in config.items() if k != "table3"}
+    TABLE3 = config.get("table3") or compare_names("params.yaml", "table3")
+    TABLE3 = [TABLE3] if isinstance(TABLE3, str) else [str(n) for n in TABLE3]
+    SELECTED = selected("params.yaml", options)
     EXPERIMENTS = {SELECTED.name: SELECTED} | {n: experiment("params.yaml", n) for n in compare_names("params.yaml")}
+    CHECKED = set(EXPERIMENTS)  # checked now; table3's others when they run
+    EXPERIMENTS |= {n: experiment("params.yaml", n) for n in TABLE3 if n not in EXPERIMENTS}
     CFGS = {}
     for name, chosen in EXPERIMENTS.items():
         try:
             CFGS[name] = cfg = chosen.load("params.yaml")
         except ConfigError as e:
             raise ConfigError(f"experiment {name}: {e}") from None
-        check_data_source(cfg)
-        check_writable(cfg)
-        check_lpips_weights(cfg)
+        if name in CHECKED:
+            check_data_source(cfg)
+            check_writable(cfg)
+            check_lpips_weights(cfg)
 except (ConfigError, LpipsWeightsMissing) as e:
     raise WorkflowError(str(e)) from None
 CFG = CFGS[SELECTED.name]
@@ -54,6 +64,8 @@ for name, cfg in CFGS.items():
         RULES[stage.outs[0]] = (stage.name + suffix, stage, EXPERIMENTS[name], cfg)
 COMPARE = compare_stage({n: CFGS[n] for n in compare_names("params.yaml")})
 RULES[COMPARE.outs[0]] = ("compare", COMPARE, SELECTED, CFG)
+TABLE3_STAGE = table3_stage({n: CFGS[n] for n in TABLE3})
+RULES[TABLE3_STAGE.outs[0]] = ("table3", TABLE3_STAGE, SELECTED, CFG)
 
 
 rule all:
@@ -92,6 +104,13 @@ onstart:
     executor = workflow.executor_plugin.name if workflow.executor_plugin else "local"
     planned = {job.rule.name for job in workflow.dag.needrun_jobs()}  # what this call runs, of every experiment
     jobs = [(stage, chosen.name, cfg) for rule_name, stage, chosen, cfg in RULES.values() if rule_name in planned]
+    for name in {owner for _, owner, _ in jobs} - CHECKED:  # table3's experiments, when this call runs their jobs
+        try:
+            check_data_source(CFGS[name])
+            check_writable(CFGS[name])
+            check_lpips_weights(CFGS[name])
+        except (ConfigError, LpipsWeightsMissing) as e:
+            raise WorkflowError(f"experiment {name}: {e}") from None
     if executor != "slurm" and not os.environ.get("SLURM_JOB_ID"):
         for stage, _, cfg in jobs:
             request = cfg.resources[stage.resources]

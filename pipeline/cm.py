@@ -93,6 +93,28 @@ def ct_schedule(k: int, K: int, s0: int, s1: int, mu0: float, variant: str = "pa
     raise ValueError(f"unknown ct_schedule variant {variant!r} (expected 'paper' or 'code')")
 
 
+def ict_schedule(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's exponential curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1))."""
+    stage_length = math.floor(K / (math.log2(math.floor(s1 / s0)) + 1))
+    return min(s0 * 2 ** math.floor(k / max(stage_length, 1)), s1) + 1
+
+
+def lognormal_index_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """iCT's discretised log-normal over the pairs (sigmas[n], sigmas[n+1]) of a descending grid:
+    P(n) prop. to erf((ln sigmas[n] - P_mean) / (sqrt(2) P_std)) - erf((ln sigmas[n+1] - P_mean) / (sqrt(2) P_std))."""
+    cdf = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2) * p_std))
+    p = cdf[:-1] - cdf[1:]
+    return (p / p.sum()).to(sigmas.dtype)
+
+
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+          mapping: str = "sigmoid") -> torch.Tensor:
+    """ECT's mapping r(t) at stage a: r = t (1 - q^-(a+1) n(t)), n(t) = 1 + k sigmoid(-b t) (n = 1: 'const'),
+    clamped at 0 (where r = 0 the target is the clean image)."""
+    n = 1 + k * torch.sigmoid(-b * t) if mapping == "sigmoid" else torch.ones_like(t)
+    return (t * (1 - q ** -(stage + 1) * n)).clamp(min=0)
+
+
 @torch.no_grad()
 def multistep_sample(
     f: ConsistencyFn,

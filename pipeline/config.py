@@ -52,6 +52,7 @@ def _one_line_errors(kind, value, traceback) -> None:
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # an experiment's name: a folder name, also in MLflow
+MODELS = ("teacher", "cd", "ct", "ict", "ect")  # every model the pipeline trains (run.models: the experiment's)
 RESERVED = ("tables", "gpu", "bench")  # folders of results/ that are not experiments
 
 
@@ -72,9 +73,13 @@ class Run:
     tf32: bool  # TF32 matmuls and convolutions for the fp32 parts on CUDA
     channels_last: bool  # NHWC memory layout of the training networks and batches
     data_placement: Literal["auto", "device", "stream"]  # training split on the GPU, or streamed by a thread
+    models: list[str] = field(default_factory=lambda: ["teacher", "cd", "ct"])  # what the DAG samples and scores
 
     def problems(self) -> list[tuple[str, str]]:
         out = [("threads", "must be >= 0")] if self.threads < 0 else []
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown or not self.models or len(set(self.models)) != len(self.models):
+            out.append(("models", f"a non-empty list of distinct models of {', '.join(MODELS)}; got {self.models}"))
         if self.name is not None and (not NAME.fullmatch(self.name) or self.name in RESERVED):
             out.append(("name", f"letters, digits and _ . + - (a folder name), not {', '.join(RESERVED)}"))
         return out
@@ -245,7 +250,9 @@ class ConsistencyTraining:
     s0: int  # initial discretisation N(0)
     s1: int  # final discretisation N(K) - 1
     mu0: float  # target EMA rate at N = s0
-    schedule: Literal["paper", "code", "fixed"]  # fixed: N = s1 + 1 and mu = mu0 throughout (Fig. 3d)
+    # paper | code: App. C's N(k), mu(k); fixed: N = s1 + 1 and mu = mu0 throughout (Fig. 3d); exponential: iCT's
+    # N(k) = min(s0 2^floor(k/K'), s1) + 1 with mu = mu0
+    schedule: Literal["paper", "code", "fixed", "exponential"]
     metric: Metric
     ema: float
     dropout: float
@@ -256,14 +263,60 @@ class ConsistencyTraining:
     openai_checkpoint: str  # the file imported when source is 'openai' (ct_imagenet64.pt, ...)
     checkpoint_every: int
     log_every: int
+    # iCT's changes, each a knob (defaults: the 2023 CT)
+    target: Literal["ema", "online"] = "ema"  # online: the target is the online network under no-grad (mu = 0)
+    index: Literal["uniform", "lognormal"] = "uniform"  # the level index n: U{0..N-2} or iCT's discretised lognormal
+    p_mean: float = -1.1  # with index lognormal: ln(sigma) ~ N(p_mean, p_std^2), discretised on the grid
+    p_std: float = 2.0
+    weighting: Literal["uniform", "inverse_gap"] = "uniform"  # lambda(sigma_n) = 1, or 1 / (sigma_n - sigma_{n+1})
+    pseudo_huber_c: float | None = None  # metric pseudo_huber: its c (None: 0.00054 sqrt(d), iCT)
 
     def problems(self) -> list[tuple[str, str]]:
         out = _training_problems(self)
+        if self.p_std <= 0:
+            out.append(("p_std", "must be > 0"))
+        if self.pseudo_huber_c is not None and self.pseudo_huber_c <= 0:
+            out.append(("pseudo_huber_c", "must be > 0 or null"))
         if self.s0 < 2:
             out.append(("s0", f"must be >= 2 (N(0) = s0 discretisation steps), got {self.s0}"))
         elif self.s1 < self.s0:
             out.append(("s1", f"must be >= s0 ({self.s0}), got {self.s1}"))
         out += [(k, "must be in [0, 1)") for k in ("mu0", "ema") if not 0 <= getattr(self, k) < 1]
+        return out
+
+
+@dataclass(frozen=True)
+class ConsistencyTuning:
+    """ECT (Geng et al. 2025): consistency training from the teacher's weights, continuous t, the mapping r(t)."""
+
+    iterations: int
+    batch: int
+    lr: float
+    optimizer: Literal["radam", "adam"]
+    p_mean: float  # ln t ~ N(p_mean, p_std^2)
+    p_std: float
+    q: float  # r(t) = t (1 - q^-(a+1) n(t)), stage a = floor(step / stage_iterations)
+    k: float  # n(t) = 1 + k sigmoid(-b t)
+    b: float
+    mapping: Literal["sigmoid", "const"]  # const: n(t) = 1 (the official code's ablation)
+    stage_iterations: int  # steps per stage a (official CIFAR-10 run: 3.2 Mimg = 25k steps at batch 128)
+    c: float  # loss sqrt(||Delta||^2 + c^2) - c (CIFAR-10: 0, the L2 norm)
+    weighting: Literal["inverse_gap", "snr"]  # 1 / (t - r) (CIFAR-10) or 1/t^2 + 1/sigma_data^2 (ImageNet 64)
+    eval_sigma_min: float  # sampling and evaluation use CM scalings with this boundary (official: 0.003); 0: EDM's
+    ema: float
+    dropout: float
+    init_from_teacher: bool  # ECT starts from the teacher's EMA weights (false: from random, an ablation)
+    checkpoint_every: int
+    log_every: int
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _training_problems(self)
+        out += [(k, "must be > 0") for k in ("p_std", "stage_iterations") if getattr(self, k) <= 0]
+        if self.q <= 1:
+            out.append(("q", f"must be > 1 (r approaches t as q^-(a+1) falls), got {self.q}"))
+        out += [(k, "must be >= 0") for k in ("k", "b", "c", "eval_sigma_min") if getattr(self, k) < 0]
+        if not 0 <= self.ema < 1:
+            out.append(("ema", "must be in [0, 1)"))
         return out
 
 
@@ -274,6 +327,9 @@ class Lpips:
     pooling: Literal["max", "avg"]  # VGG's pooling: max (LPIPS v0.1, JAX code) or avg (piq replace_pooling: PyTorch)
 
 
+SCHEDULES = ("cd_schedules", "ct_schedules", "ict_schedules", "ect_schedules")
+
+
 @dataclass(frozen=True)
 class Sample:
     num_samples: int
@@ -282,6 +338,8 @@ class Sample:
     teacher_steps: int  # EDM Heun sampler: 2 * steps - 1 network evaluations
     cd_schedules: list[list[float | Literal["search"]]]  # each: the descending times of Alg. 1 (length = NFE);
     ct_schedules: list[list[float | Literal["search"]]]  # 'search': the time the search_<model> stage found
+    ict_schedules: list[list[float | Literal["search"]]]
+    ect_schedules: list[list[float | Literal["search"]]]
     grid: int  # images in the PNG grid of each schedule
     uint8: Literal["round", "truncate"]  # samples to uint8: round, or truncate as both official codes
     teacher_clip: bool  # clamp each denoised output of the teacher's Heun sampler to [-1, 1] (PyTorch code)
@@ -297,7 +355,7 @@ class Sample:
         if any(n < 3 or n % 2 == 0 for n in self.teacher_heun_nfe):
             out.append(("teacher_heun_nfe", "EDM's Heun takes 2 n - 1 evaluations for n levels: every NFE must be "
                                             "odd and >= 3 (NFE 1 is Euler)"))
-        for key in ("cd_schedules", "ct_schedules"):
+        for key in SCHEDULES:
             for schedule in getattr(self, key):
                 if schedule.count("search") > 1 or (schedule and schedule[0] == "search"):
                     out.append((key, f"'search' stands for one intermediate time (not the first), got {schedule}"))
@@ -381,7 +439,7 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class Edit:
-    model: Literal["cd", "ct"]  # the consistency model the `edit` stage uses (its figures carry no model name)
+    model: Literal["cd", "ct", "ict", "ect"]  # the consistency model the `edit` stage uses (one of run.models)
     num_images: int  # held-out test images edited per task (a random n of test.npz); also the FID sample
     batch: int
     seed: int
@@ -484,6 +542,8 @@ class Config:
     teacher: Teacher
     cd: Distill
     ct: ConsistencyTraining
+    ict: ConsistencyTraining  # iCT (Song & Dhariwal 2024): CT with its changes switched on
+    ect: ConsistencyTuning
     lpips: Lpips
     sample: Sample
     search: Search
@@ -618,6 +678,7 @@ def resolve(params: dict, preset: str | None = None, overrides: dict | None = No
     presets = params.pop("presets", {}) or {}
     params.pop("experiments", None)  # read by experiment(), compare_names()
     params.pop("compare", None)
+    params.pop("table3", None)  # read by table3_names()
     chosen = preset or params.pop("preset", None)
     params.pop("preset", None)
     follow = (overrides or {}).get("follow", params.pop("follow", "paper"))
@@ -668,7 +729,8 @@ def validate(resolved: dict, source: str = "params.yaml") -> Config:
     return Config(preset=resolved["preset"], follow=resolved.get("follow", "paper"), raw=resolved, **sections)
 
 
-TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct"}  # model -> its training stage
+TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct", "ict": "train_ict",
+               "ect": "train_ect"}  # model -> its training stage
 
 
 def split_batch(batch: int, world_size: int, micro_batch: int | None) -> tuple[int, int]:
@@ -684,10 +746,13 @@ def split_batch(batch: int, world_size: int, micro_batch: int | None) -> tuple[i
 
 def _cross_checks(s: dict, where: str) -> None:
     sigma_max = s["diffusion"].sigma_max
-    for key in ("cd_schedules", "ct_schedules"):
+    for key in SCHEDULES:
         for schedule in getattr(s["sample"], key):
             if schedule[0] > sigma_max:
                 raise ConfigError(f"{where}sample.{key}: starts at {schedule[0]} > diffusion.sigma_max {sigma_max}")
+    if s["edit"].model not in s["run"].models:
+        raise ConfigError(f"{where}edit.model: {s['edit'].model} is not one of run.models {s['run'].models}: the "
+                          "editing figures need a model the experiment trains")
     resolution = s["data"].spec.resolution
     if resolution % s["edit"].sr_factor:
         raise ConfigError(f"{where}edit.sr_factor: must divide the resolution {resolution} of {s['data'].dataset}; "
@@ -704,7 +769,7 @@ def _cross_checks(s: dict, where: str) -> None:
         if not isinstance(run, dict) or run.get("model") not in ("cd", "ct"):
             raise ConfigError(f"{where}ablation.runs.{name}.model: must be cd or ct")
         ablation_section(s[run["model"]], run, f"{where}ablation.runs.{name}.")
-    if s["run"].dtype == "float64" and "lpips" in (s["cd"].metric, s["ct"].metric):
+    if s["run"].dtype == "float64" and "lpips" in (s["cd"].metric, s["ct"].metric, s["ict"].metric):
         raise ConfigError(f"{where}run.dtype: float64 is for numerical checks with the l2, l1 or pseudo_huber "
                           "metric (LPIPS' weights are float32)")
     _parallel_checks(s, where)
@@ -862,11 +927,11 @@ def selected(path: str | os.PathLike, options: dict) -> Experiment:
     return Experiment(str(run_name or preset or _read(path).get("preset") or ""), preset, tuple(overrides))
 
 
-def compare_names(path: str | os.PathLike = "params.yaml") -> list[str]:
-    """The experiments of results/tables/compare.{csv,md} (params.yaml `compare:`)."""
-    names = _read(path).get("compare") or []
+def compare_names(path: str | os.PathLike = "params.yaml", key: str = "compare") -> list[str]:
+    """The experiments of results/tables/compare.{csv,md} (params.yaml `compare:`) or of table3 (`table3:`)."""
+    names = _read(path).get(key) or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{path}: compare: expected a list of experiment names; got {names!r}")
+        raise ConfigError(f"{path}: {key}: expected a list of experiment names; got {names!r}")
     return names
 
 
@@ -913,7 +978,7 @@ def require_lpips_weights(paths: Lpips) -> None:
 
 def check_lpips_weights(cfg: Config) -> None:
     """Fail before any job starts when a stage will need LPIPS weights that are absent."""
-    users = [("cd", cfg.cd.metric), ("ct", cfg.ct.metric)]
+    users = [(m, getattr(cfg, m).metric) for m in ("cd", "ct", "ict") if m in cfg.run.models]
     for name in cfg.ablation.used_runs():
         run = cfg.ablation.runs[name]
         users.append((f"ablation.runs.{name}", run.get("metric", getattr(cfg, run["model"]).metric)))

@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline import editing
 from pipeline.data import atomic_write, to_model_range, to_uint8
 from pipeline.models import IMG_RESOLUTION, checkpoint_meta, load_model
+from pipeline.stages import CONSISTENCY
 
 TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising")
 
@@ -128,8 +129,9 @@ def load_consistency_model(path: str, device: str) -> tuple[torch.nn.Module, dic
         f = load_model(path, device)
     except Exception as e:  # a file that is not a checkpoint of this project
         raise BadInput(f"checkpoint {path}: cannot load it ({type(e).__name__})") from None
-    if meta.get("kind") not in ("cd", "ct"):
-        raise BadInput(f"checkpoint {path}: holds a {meta.get('kind')!r} model, not a consistency model (cd, ct)")
+    if meta.get("kind") not in CONSISTENCY:
+        raise BadInput(f"checkpoint {path}: holds a {meta.get('kind')!r} model, not a consistency model "
+                       f"({', '.join(CONSISTENCY)})")
     return f, meta["diffusion"]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.config import InputError, stage_cli
+from pipeline.config import MODELS, InputError, stage_cli
 from pipeline.data import load_split, to_model_range, write_json
 from pipeline.gmm import GaussianMixture
 from pipeline.metrics import (
@@ -35,7 +35,7 @@ from pipeline.metrics import (
     precision_recall,
 )
 from pipeline.models import load_model
-from pipeline.stages import MODELS, checkpoint, data_dir, metrics, ref_features, ref_stats, samples, summary
+from pipeline.stages import checkpoint, data_dir, metrics, ref_features, ref_stats, samples, summary
 from pipeline.training import setup_torch
 
 NO_LOGITS = "IS unavailable: {} Inception weights have no classifier layer"
@@ -190,7 +190,10 @@ def _training_summary(cfg, model: str) -> str:
     if model == "teacher":
         return f"EDM, {cfg.teacher.iterations} it"
     section = getattr(cfg, model)
-    extra = f", {cfg.cd.solver}, N={cfg.cd.N}" if model == "cd" else f", s1={cfg.ct.s1}"
+    if model == "ect":
+        return f"ECT from the teacher, q={section.q}, c={section.c}, {section.iterations} it"
+    extra = f", {section.solver}, N={section.N}" if model == "cd" else f", s1={section.s1}"
+    extra += f", {section.schedule}, target {section.target}" if model == "ict" else ""
     return f"{section.metric}{extra}, {section.iterations} it"
 
 

@@ -289,7 +289,7 @@ class SongUNet(nn.Module):
                  channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0.0, embedding_type: str = "positional",
                  channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
-                 resample_filter: Sequence[int] = (1, 1)):
+                 resample_filter: Sequence[int] = (1, 1), fourier_scale: float = 16.0):
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
         if encoder_type not in ("standard", "skip", "residual"):
@@ -315,7 +315,7 @@ class SongUNet(nn.Module):
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
-            self.map_noise = FourierEmbedding(noise_channels, scale=16)
+            self.map_noise = FourierEmbedding(noise_channels, scale=fourier_scale)  # iCT: 0.02
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)

@@ -35,13 +35,14 @@ from pipeline import cm, tracking
 from pipeline.config import Config, stage_cli
 from pipeline.data import atomic_write, load_split, to_model_range, to_uint8, write_text
 from pipeline.gmm import GaussianMixture
-from pipeline.stages import MODELS, data_dir, metrics, proof_outputs, samples
+from pipeline.stages import data_dir, metrics, models, proof_outputs, samples
 from pipeline.tables import to_markdown
 
 MEASURES = ("nll_gap", "on_mode", "mode_tv", "frechet")
 COLUMNS = ["model", "sampler", "nfe", *MEASURES, "nll", "num_samples", "sigmas"]
-NAME = {"teacher": "teacher", "cd": "CD", "ct": "CT"}
-SAMPLER = {None: {"teacher": "EDM Heun", "cd": "Alg. 1", "ct": "Alg. 1"}, "euler": "Euler", "heun": "EDM Heun"}
+NAME = {"teacher": "teacher", "cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT"}
+SAMPLER = {None: {"teacher": "EDM Heun", "cd": "Alg. 1", "ct": "Alg. 1", "ict": "Alg. 1", "ect": "Alg. 1"},
+           "euler": "Euler", "heun": "EDM Heun"}
 
 # The margins the claims must hold by, in the measures' units (NLL gap: nats per dimension).
 FAR = 5.0  # (i): the teacher's best Frechet distance at 1 and 2 NFE is at least FAR times CD's at 1 step (the paper's
@@ -69,8 +70,9 @@ def _row(table: pd.DataFrame, model: str, nfe: int, sampler: str | None = None) 
     return rows.iloc[0]
 
 
-def claims(table: pd.DataFrame, teacher_full_nfe: int) -> list[Claim]:
-    """The paper's claims (i)-(iv) on a proof table, each with the numbers it rests on and its margin."""
+def claims(table: pd.DataFrame, teacher_full_nfe: int, iterations: dict[str, int] | None = None) -> list[Claim]:
+    """The paper's claims (i)-(iv) on a proof table, each with the numbers it rests on and its margin; with iCT and
+    ECT rows, their papers' claims (v) and (vi) too (iterations: each model's training steps)."""
     out = []
     cd1, cd2, ct1, ct2 = (_row(table, m, n) for m in ("CD", "CT") for n in (1, 2))
     few = table[(table.model == "teacher") & (table.nfe <= 2)]
@@ -98,6 +100,24 @@ def claims(table: pd.DataFrame, teacher_full_nfe: int) -> list[Claim]:
         f"NLL gap {full.nll_gap:.3f} <= exact D*'s under the same sampler {exact.nll_gap:.3f} + {EXACT:g}; mode TV "
         f"{full.mode_tv:.3f} <= {EXACT:g}",
         bool(full.nll_gap <= exact.nll_gap + EXACT and full.mode_tv <= EXACT)))
+    steps = iterations or {}
+    if (table.model == "iCT").any():
+        ict1 = _row(table, "iCT", 1)
+        out.append(Claim(
+            "(v)", f"iCT with 1 step is at least as good as CT with 1 step ({steps.get('ict', '?')} against "
+                   f"{steps.get('ct', '?')} steps)",
+            f"NLL gap {ict1.nll_gap:.3f} <= CT's {ct1.nll_gap:.3f} + {AS_GOOD:g}; mode TV {ict1.mode_tv:.3f} <= "
+            f"CT's {ct1.mode_tv:.3f} + {AS_GOOD:g}",
+            bool(ict1.nll_gap <= ct1.nll_gap + AS_GOOD and ict1.mode_tv <= ct1.mode_tv + AS_GOOD)))
+    if (table.model == "ECT").any():
+        ect1 = _row(table, "ECT", 1)
+        out.append(Claim(
+            "(vi)", f"ECT from the teacher reaches CD's 1-step quality in a fraction of CT's steps "
+                    f"({steps.get('ect', '?')} against {steps.get('ct', '?')})",
+            f"NLL gap: ECT {ect1.nll_gap:.3f} <= CD's {cd1.nll_gap:.3f} + 1/3 x the exact D*'s 1-step Euler "
+            f"{denoiser:.3f}; mode TV {ect1.mode_tv:.3f} <= CD's {cd1.mode_tv:.3f} + {AS_GOOD:g}",
+            bool(ect1.nll_gap <= cd1.nll_gap + CLOSE * denoiser and ect1.mode_tv <= cd1.mode_tv + AS_GOOD
+                 and steps.get("ect", 0) < steps.get("ct", 0))))
     return out
 
 
@@ -132,7 +152,7 @@ def build_table(cfg: Config, mixture: GaussianMixture, results: dict[str, dict])
         images = exact_samples(mixture, solver, sigmas, s.num_samples, s.seed)
         rows.append({"model": "exact D*", "sampler": SAMPLER[solver], "nfe": nfe, "num_samples": len(images),
                      "sigmas": _times(sigmas)} | mixture.measures(to_model_range(images).double(), reference_nll))
-    for model in MODELS:
+    for model in results:
         for row in results[model]["rows"]:
             sampler = SAMPLER[row.get("sampler")]
             sampler = sampler[model] if isinstance(sampler, dict) else sampler
@@ -145,7 +165,7 @@ def build_table(cfg: Config, mixture: GaussianMixture, results: dict[str, dict])
 def error_table(results: dict[str, dict]) -> pd.DataFrame:
     """Each model's error against the exact answer per noise level: E||D - D*||^2 / d (teacher), E||f - f*||^2 / d."""
     rows = []
-    for model in MODELS:
+    for model in results:
         error = results[model]["error"]
         rows.append({"model": NAME[model], "error": f"E‖{'D − D*' if error['kind'] == 'denoiser' else 'f − f*'}‖² / d"}
                     | {f"sigma={k}": f"{v:.2e}" for k, v in error["per_sigma"].items()})
@@ -225,7 +245,7 @@ def figure_panels(cfg: Config, table: pd.DataFrame, mixture: GaussianMixture) ->
     exact = exact_samples(mixture, "euler", [d.sigma_max, d.sigma_min], cfg.sample.num_samples, cfg.sample.seed)
     panels.append((f"exact D* Euler, NFE 1\non-mode {row.on_mode:.2f}, NLL gap {row.nll_gap:.2f}",
                    to_model_range(exact).double()))
-    for model in MODELS:
+    for model in models(cfg):
         with np.load(samples(cfg, model)) as f:
             for key in f.files:
                 if not (key.startswith("nfe") or key.startswith("euler_nfe")):
@@ -244,10 +264,10 @@ def main() -> None:
     if cfg.data.dataset != "gmm":
         sys.exit(f"error: data.dataset: the proof table needs dataset gmm (exact answers), got {cfg.data.dataset}; "
                  "run the preset proof")
-    results = {model: json.loads(Path(metrics(cfg, model)).read_text()) for model in MODELS}
+    results = {model: json.loads(Path(metrics(cfg, model)).read_text()) for model in models(cfg)}
     mixture = GaussianMixture.from_dict(json.loads((Path(data_dir(cfg)) / "manifest.json").read_text())["mixture"])
     table = build_table(cfg, mixture, results)
-    found = claims(table, 2 * cfg.sample.teacher_steps - 1)
+    found = claims(table, 2 * cfg.sample.teacher_steps - 1, {m: getattr(cfg, m).iterations for m in results})
     csv, md, png = (Path(p) for p in proof_outputs(cfg))
     write_text(csv, table.to_csv(index=False))
     write_text(md, markdown(table, error_table(results), found, cfg))

@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline import cm, tracking
-from pipeline.config import Config, stage_cli
+from pipeline.config import MODELS, Config, stage_cli
 from pipeline.data import atomic_write, save_arrays, uint8_on_device
 from pipeline.models import compile_module, load_model
-from pipeline.stages import MODELS, checkpoint, sample_grid, samples, two_step
+from pipeline.stages import checkpoint, sample_grid, samples, two_step
 from pipeline.training import setup_torch
 
 

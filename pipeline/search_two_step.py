@@ -27,7 +27,7 @@ from pipeline.evaluate import load_inception, load_mixture, load_references
 from pipeline.metrics import feature_statistics, frechet_distance
 from pipeline.models import compile_module, load_model
 from pipeline.sample import generate
-from pipeline.stages import checkpoint, search_figure, two_step
+from pipeline.stages import CONSISTENCY, checkpoint, search_figure, two_step
 from pipeline.training import setup_torch
 
 
@@ -55,10 +55,14 @@ def ternary_search(cost: Callable[[int], float], lo: int, hi: int) -> tuple[int,
 
 
 def grid_levels(cfg, model: str) -> int:
-    """Levels of the searched grid: search.grid, else the model's last training grid."""
+    """Levels of the searched grid: search.grid, else the model's last training grid (ECT, continuous in t: the 2023
+    CT's last grid, 151 levels)."""
     if cfg.search.grid is not None:
         return cfg.search.grid
-    return cfg.cd.N if model == "cd" else cfg.ct.s1 + 1
+    return {"cd": cfg.cd.N, "ct": cfg.ct.s1 + 1, "ict": cfg.ict.s1 + 1, "ect": ECT_SEARCH_LEVELS}[model]
+
+
+ECT_SEARCH_LEVELS = 151
 
 
 def search_range(levels: int, indices: str) -> tuple[int, int]:
@@ -89,7 +93,7 @@ def plot_search(probes: dict[float, float], best: float, path: Path, title: str,
 
 
 def main() -> None:
-    cfg, args = stage_cli(__doc__, ("cd", "ct"))
+    cfg, args = stage_cli(__doc__, CONSISTENCY)
     device = setup_torch(cfg)
     d, s = cfg.diffusion, cfg.search
     model = compile_module(load_model(checkpoint(cfg, args.model), device, cfg=cfg), cfg.run.compile)

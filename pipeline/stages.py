@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, from_args, unwritable
+from pipeline.config import MODELS, TRAIN_STAGE, Config, ConfigError, add_arguments, from_args, unwritable
 from pipeline.datasets import split_files
 
-MODELS = ("teacher", "cd", "ct")
+CONSISTENCY = ("cd", "ct", "ict", "ect")  # the consistency models (sampled by Alg. 1, searched, edited)
 CORE = ["pipeline/config.py", "pipeline/cm.py", "pipeline/networks.py", "pipeline/models.py"]
 TRAIN_CODE = CORE + ["pipeline/training.py", "pipeline/tracking.py", "pipeline/data.py", "pipeline/noise.py",
                      "pipeline/distributed.py", "pipeline/launch.py"]
@@ -28,6 +28,7 @@ EVAL_CODE = ["pipeline/metrics.py", "pipeline/evaluate.py"]
 TABLES = ["results/tables/table1.csv", "results/tables/table1.md", "results/tables/table2.csv",
           "results/tables/table2.md"]
 COMPARE = ["results/tables/compare.csv", "results/tables/compare.md"]
+TABLE3 = ["results/tables/table3.csv", "results/tables/table3.md"]
 PROOF = ["results/tables/proof.csv", "results/tables/proof.md", "results/tables/proof.png"]
 EDIT_TASKS = ("inpainting", "colorization", "super_resolution", "stroke_guided", "denoising", "interpolation")
 
@@ -221,6 +222,31 @@ def figure3(cfg: Config) -> list[str]:
     return [at.figure("figure3", f"figure3_{panel}") for panel in cfg.ablation.panels]
 
 
+def models(cfg: Config) -> tuple[str, ...]:
+    """The experiment's models (run.models), in the pipeline's order: what it samples, scores and tables."""
+    return tuple(m for m in MODELS if m in cfg.run.models)
+
+
+def teacher_needed(cfg: Config) -> bool:
+    """Is the teacher trained (or imported)? When it is a model of the experiment, or a model starts from it or
+    distils it, or an ablation run does."""
+    own = models(cfg)
+    starts = [m for m in ("ct", "ict", "ect") if m in own and getattr(cfg, m).init_from_teacher
+              and getattr(getattr(cfg, m), "source", "train") == "train"]
+    runs = [cfg.ablation.runs[r]["model"] for r in ablation_runs(cfg)]
+    return ("teacher" in own or ("cd" in own and cfg.cd.source == "train") or bool(starts) or "cd" in runs
+            or ("ct" in runs and cfg.ct.init_from_teacher))
+
+
+def ablation_runs(cfg: Config) -> list[str]:
+    """Figure 3's runs, when the experiment has the models they vary (else none: no figure3 stage)."""
+    runs = cfg.ablation.used_runs()
+    return runs if all(cfg.ablation.runs[r]["model"] in models(cfg) for r in runs) else []
+
+
+SEARCH_GRID = {"cd": "cd.N", "ct": "ct.s1", "ict": "ict.s1", "ect": "search.grid"}  # the knob of the default grid
+
+
 def searched(cfg: Config, model: str) -> bool:
     """Does some sampling schedule of this model use the searched 2-step time?"""
     return model != "teacher" and any("search" in s for s in getattr(cfg.sample, f"{model}_schedules"))
@@ -380,41 +406,50 @@ def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
               lambda at: [at.ref_stats(), at.ref_features()],
               data_params + ["evaluate.ref_images", "evaluate.pr_ref_images", "evaluate.mode", "evaluate.inception"],
               "evaluate", ["prepare_data"])
-    _teacher(b)
+    own = models(cfg)
+    if teacher_needed(cfg):
+        _teacher(b)
     teacher = lambda at: [at.checkpoint("teacher")]  # noqa: E731
-    if cfg.cd.source == "openai":
+    if "cd" not in own:
+        pass
+    elif cfg.cd.source == "openai":
         _openai(b, "cd")
     else:
         b.add("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
               lambda at: b.splits("train") + teacher(at) + ["pipeline/distill_cd.py", "pipeline/lpips.py"]
               + TRAIN_CODE, lambda at: [at.checkpoint("cd"), at.figure("cd", "loss_cd")],
               TRAIN_PARAMS + ["cd", "lpips"], "distill_cd", ["prepare_data", "teacher"], training=True, model="cd")
-    if cfg.ct.source == "openai":
-        _openai(b, "ct")
-    else:
-        from_teacher = cfg.ct.init_from_teacher
-        b.add("train_ct", launched("train_ct", "pipeline.train_ct"),
-              lambda at: b.splits("train") + (teacher(at) if from_teacher else [])
-              + ["pipeline/train_ct.py", "pipeline/lpips.py"] + TRAIN_CODE,
-              lambda at: [at.checkpoint("ct"), at.figure("ct", "loss_ct")], TRAIN_PARAMS + ["ct", "lpips"],
-              "train_ct", ["prepare_data"] + (["teacher"] if from_teacher else []), training=True, model="ct")
+    for model in ("ct", "ict", "ect"):
+        if model not in own:
+            continue
+        if getattr(getattr(cfg, model), "source", "train") == "openai":
+            _openai(b, model)
+            continue
+        stage, from_teacher = TRAIN_STAGE[model], getattr(cfg, model).init_from_teacher
+        code = [f"pipeline/{stage}.py"] + (["pipeline/train_ct.py"] if model == "ict" else [])
+        b.add(stage, launched(stage, f"pipeline.{stage}"),
+              lambda at, t=from_teacher, c=code: b.splits("train") + (teacher(at) if t else []) + c
+              + ["pipeline/lpips.py"] + TRAIN_CODE,
+              lambda at, m=model: [at.checkpoint(m), at.figure(m, f"loss_{m}")],
+              TRAIN_PARAMS + [model] + (["lpips"] if model != "ect" else []), stage,
+              ["prepare_data"] + (["teacher"] if from_teacher else []), training=True, model=model)
     refs_of = (lambda at: [at.ref_stats(), at.ref_features()]) if refs else (lambda at: [])
     scored = ((lambda at: [f"{at.data_dir()}/manifest.json"] + b.splits("test") + ["pipeline/gmm.py"])
               if mixture(cfg) else refs_of)
-    for model in ("cd", "ct"):
-        if searched(cfg, model):
+    for model in CONSISTENCY:
+        if model in own and searched(cfg, model):
             b.add(f"search_{model}", f"python -m pipeline.search_two_step --model {model}",
                   lambda at, m=model: [at.checkpoint(m)] + scored(at) + ["pipeline/search_two_step.py",
                                                                         "pipeline/sample.py"] + EVAL_CODE + CORE,
                   lambda at, m=model: [at.two_step(m), at.figure(f"search_{m}", f"two_step_{m}")],
-                  ["diffusion", "search", "cd.N" if model == "cd" else "ct.s1", "sample.batch", "sample.uint8",
+                  ["diffusion", "search", SEARCH_GRID[model], "sample.batch", "sample.uint8",
                    "evaluate.mode", "evaluate.inception"], "evaluate",
                   [model] + (["prepare_data"] if mixture(cfg) else refs))
     sample_params = ["diffusion", "sample.num_samples", "sample.batch", "sample.seed", "sample.grid", "sample.uint8"]
     sampler_params = {"teacher": ["sample.teacher_steps", "sample.teacher_clip", "sample.teacher_euler_nfe",
                                   "sample.teacher_heun_nfe"],
-                      "cd": ["sample.cd_schedules"], "ct": ["sample.ct_schedules"]}
-    for model in MODELS:
+                      **{m: [f"sample.{m}_schedules"] for m in CONSISTENCY}}
+    for model in own:
         search = [f"search_{model}"] if searched(cfg, model) else []
         b.add(f"sample_{model}", f"python -m pipeline.sample --model {model}",
               lambda at, m=model, s=search: [at.checkpoint(m)] + [at.two_step(m) for _ in s] + ["pipeline/sample.py"]
@@ -422,12 +457,12 @@ def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
               sample_params + sampler_params[model], "sample", [model] + search)
     if mixture(cfg):
         return _mixture_stages(b)
-    for model in MODELS:
+    for model in own:
         b.add(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
               lambda at, m=model: [at.samples(m)] + refs_of(at) + EVAL_CODE,
               lambda at, m=model: [at.metrics(m), at.summary(m)],
               ["evaluate.pr_k", "evaluate.mode", "evaluate.inception"], "evaluate", [f"sample_{model}"] + refs)
-    _tables(b, "tables", "python -m pipeline.tables", TABLES)
+    _tables(b, "tables", "python -m pipeline.tables", TABLES + TABLE3)  # results/tables/ gets 1 and 2 (publish)
     edited = cfg.edit.model
     b.add(f"edit_{edited}", "python -m pipeline.edit",
           lambda at: [at.checkpoint(edited)] + b.splits("test") + [at.ref_stats(), "pipeline/edit.py",
@@ -437,7 +472,7 @@ def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
           + [at.edit_metrics(edited)],
           ["diffusion", "edit", "sample.uint8", "evaluate.mode", "evaluate.inception"], "sample",
           [edited, "prepare_data"] + refs)
-    runs = cfg.ablation.used_runs()
+    runs = ablation_runs(cfg)
     for run in runs:
         model = cfg.ablation.runs[run]["model"]
         needs_teacher = model == "cd" or cfg.ct.init_from_teacher
@@ -461,15 +496,16 @@ def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
 def _tables(b: _Builder, name: str, cmd: str, outs: list[str], extra=lambda at: []) -> None:
     """An experiment's tables: named by the experiment in both layouts (results/<name>/tables/)."""
     folder = tables_dir(b.cfg)
-    b.add(name, cmd, lambda at: [at.metrics(m) for m in MODELS] + extra(at) + [f"pipeline/{cmd.split('.')[-1]}.py"],
+    own = models(b.cfg)
+    b.add(name, cmd, lambda at: [at.metrics(m) for m in own] + extra(at) + [f"pipeline/{cmd.split('.')[-1]}.py"],
           lambda at: [f"{folder}/{Path(o).name}" for o in outs], ["data.dataset"], "tables",
-          [f"evaluate_{m}" for m in MODELS])
+          [f"evaluate_{m}" for m in own])
     b.keys[name] = b.cfg.name
 
 
 def _mixture_stages(b: _Builder) -> list[Stage]:
     """Dataset gmm, after sampling: each model's exact measures and error, then the proof table and figure."""
-    for model in MODELS:
+    for model in models(b.cfg):
         b.add(f"evaluate_{model}", f"python -m pipeline.evaluate --model {model}",
               lambda at, m=model: [at.samples(m), at.checkpoint(m), f"{at.data_dir()}/manifest.json"]
               + b.splits("test") + EVAL_CODE + ["pipeline/gmm.py"] + CORE,
@@ -477,15 +513,25 @@ def _mixture_stages(b: _Builder) -> list[Stage]:
               ["evaluate.error_sigmas", "evaluate.error_samples", "sample.seed"], "evaluate",
               [f"sample_{model}", model, "prepare_data"])
     _tables(b, "proof", "python -m pipeline.proof", PROOF,
-            lambda at: [at.samples(m) for m in MODELS] + [f"{at.data_dir()}/manifest.json"] + b.splits("train")
+            lambda at: [at.samples(m) for m in models(b.cfg)] + [f"{at.data_dir()}/manifest.json"] + b.splits("train")
             + ["pipeline/gmm.py"])
     return b.out
 
 
 def compare_stage(cfgs: dict[str, Config]) -> Stage:
     """results/tables/compare.{csv,md}: the measures of several experiments side by side (params.yaml compare:)."""
-    deps = [metrics(cfg, m) for cfg in cfgs.values() for m in MODELS]
+    deps = [at.metrics(m) for cfg in cfgs.values() for at in [layout(cfg)] for m in models(cfg)]
     return Stage("compare", "python -m pipeline.tables --compare", deps + ["pipeline/tables.py"], COMPARE, [],
+                 "tables", key="+".join(cfgs))
+
+
+def table3_stage(cfgs: dict[str, Config]) -> Stage:
+    """results/tables/table3.{csv,md}: CD, CT, iCT and ECT of these experiments beside the published FIDs."""
+    import shlex
+
+    deps = [at.metrics(m) for cfg in cfgs.values() for at in [layout(cfg)] for m in models(cfg) if m in CONSISTENCY]
+    names = " ".join(shlex.quote(n) for n in cfgs)
+    return Stage("table3", f"python -m pipeline.tables --table3 {names}", deps + ["pipeline/tables.py"], TABLE3, [],
                  "tables", key="+".join(cfgs))
 
 
@@ -493,7 +539,7 @@ def old_layout(cfg: Config) -> list[str]:
     """One line per checkpoint of the layout before named experiments (checkpoints/<dataset>/<model>.pt), saying
     where this experiment now expects it."""
     out = []
-    for model in MODELS:
+    for model in models(cfg):
         old = Path(f"checkpoints/{cfg.data.dataset}/{model}.pt")
         if old.is_file() and str(old) != checkpoint(cfg, model):
             out.append(f"{old}: a checkpoint of the layout before named experiments; experiment {cfg.name} now reads "

@@ -3,10 +3,12 @@ the paper's.
 
     python -m pipeline.tables [--config params.yaml]
 
-Reads the experiment's metrics of each model and writes results/<experiment>/tables/table{1,2}.{csv,md};
---publish copies them to results/tables/ (the experiment params.yaml or --config selects); --compare writes
-results/tables/compare.{csv,md}, one row per (experiment, model, sample set) of params.yaml's `compare:` list with
-the knobs on which they differ. Both tables always have every row of the paper: a
+Reads the experiment's metrics of each model and writes results/<experiment>/tables/table{1,2,3}.{csv,md};
+--publish copies tables 1 and 2 to results/tables/ (the experiment params.yaml or --config selects); --compare
+writes results/tables/compare.{csv,md}, one row per (experiment, model, sample set) of params.yaml's `compare:`
+list with the knobs on which they differ; --table3 NAME ... writes results/tables/table3.{csv,md} from the results
+of those experiments (params.yaml's `table3:`): CD, CT, iCT and ECT beside their published FIDs. Tables 1 and 2
+always have every row of the paper: a
 (dataset, model) that was not run here keeps the paper's values, with our cells empty and the preset to run named
 in `notes`. Every empty cell has its reason in is_note, pr_note or notes.
 
@@ -24,14 +26,14 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import Config, add_arguments, compare_names, experiment, from_args
+from pipeline.config import MODELS, Config, add_arguments, compare_names, experiment, from_args
 from pipeline.data import write_bytes, write_text
 from pipeline.datasets import DATASETS
 
 TABLES_DIR = "results/tables"
-MODELS = ("teacher", "cd", "ct")
+TABLE1_MODELS = ("teacher", "cd", "ct")
 TABLE2_DATASETS = ("imagenet64", "lsun_bedroom", "lsun_cat")
-METHOD = {"teacher": "EDM teacher", "cd": "CD", "ct": "CT"}
+METHOD = {"teacher": "EDM teacher", "cd": "CD", "ct": "CT", "ict": "iCT", "ect": "ECT"}
 DATASET_NAME = {"cifar10": "CIFAR-10", "imagenet64": "ImageNet", "lsun_bedroom": "LSUN Bedroom", "lsun_cat": "LSUN Cat"}
 
 # The paper's numbers (Song et al., ICML 2023, arXiv 2303.01469), per (dataset, model): [(nfe, values)].
@@ -167,14 +169,14 @@ def model_rows(dataset: str, model: str, result: dict | None) -> list[dict]:
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     table = pd.DataFrame([{"is_note": "", "pr_note": "", "notes": ""} | row for row in rows], columns=columns)
-    for name in INTEGER_COLUMNS:
+    for name in (c for c in INTEGER_COLUMNS if c in columns):
         table[name] = table[name].astype("Int64")  # not 1.0 beside an empty cell
     return table
 
 
 def build_table1(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
     """CIFAR-10: EDM teacher, CD and CT at 1 and 2 NFE (and any other NFE we sampled)."""
-    rows = [row for model in MODELS for row in model_rows("cifar10", model, results.get(("cifar10", model)))]
+    rows = [row for model in TABLE1_MODELS for row in model_rows("cifar10", model, results.get(("cifar10", model)))]
     return _frame(rows, TABLE1_COLUMNS)
 
 
@@ -184,7 +186,7 @@ def build_table2(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
     for dataset in TABLE2_DATASETS:
         size = DATASETS[dataset].resolution
         name = {"dataset": f"{DATASET_NAME[dataset]} {size}x{size}"}
-        for model in MODELS:
+        for model in TABLE1_MODELS:
             result = results.get((dataset, model))
             if model != "teacher" or result is not None:
                 rows += [name | row for row in model_rows(dataset, model, result)]
@@ -201,19 +203,71 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Table 3, beyond the paper: published FIDs per (dataset, model), {nfe: fid}, and where each comes from.
+PUBLISHED: dict[tuple[str, str], tuple[dict[int, float], str]] = {
+    ("cifar10", "cd"): ({1: 3.55, 2: 2.93}, "Song et al. 2023, Table 1 (CD with LPIPS)"),
+    ("cifar10", "ct"): ({1: 8.70, 2: 5.83}, "Song et al. 2023, Table 1"),
+    ("cifar10", "ict"): ({1: 2.83, 2: 2.46}, "Song & Dhariwal 2024 (iCT), Table 2, as reproduced in Lu & Song 2025 "
+                                             "Table 1; iCT-deep: 2.51 / 2.24"),
+    ("cifar10", "ect"): ({1: 3.60, 2: 2.11}, "Geng et al. 2025 (ECT), locuslab/ect README, ECM 400k iterations "
+                                             "(200k: 3.86 / 2.15; 100k: 4.54 / 2.20); 1-step also Lu & Song 2025 "
+                                             "Table 3"),
+    ("imagenet64", "cd"): ({1: 6.20, 2: 4.70}, "Song et al. 2023, Table 2 (CD with LPIPS)"),
+    ("imagenet64", "ct"): ({1: 13.0, 2: 11.1}, "Song et al. 2023, Table 2"),
+    ("imagenet64", "ict"): ({1: 4.02, 2: 3.20}, "Song & Dhariwal 2024 (iCT), Table 3, as reproduced in Lu & Song "
+                                                "2025 Table 1; iCT-deep: 3.25 / 2.77"),
+}
+TABLE3_MODELS = ("cd", "ct", "ict", "ect")
+TABLE3_PRESET = {"cd": "paper_{}", "ct": "paper_{}", "ict": "ict_{}", "ect": "ect_{}"}
+TABLE3_COLUMNS = (["dataset", "method", "nfe", "fid", "is", "kid", "precision", "recall", "published_fid",
+                   "published"] + RUN + ["notes", "mlflow_run_id"])
+
+
+def build_table3(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """CD, CT, iCT and ECT at every NFE published or sampled here, ours beside the published FID."""
+    rows = []
+    for dataset in ("cifar10", "imagenet64"):
+        size = DATASETS[dataset].resolution
+        for model in TABLE3_MODELS:
+            published, source = PUBLISHED.get((dataset, model), ({}, ""))
+            result = results.get((dataset, model))
+            if not published and result is None:
+                continue
+            ours = {row["nfe"]: row for row in result["rows"] if "sampler" not in row} if result else {}
+            for nfe in sorted(set(published) | set(ours)):
+                row = {"dataset": f"{DATASET_NAME[dataset]} {size}x{size}", "method": METHOD[model], "nfe": nfe,
+                       "published_fid": published.get(nfe), "published": source if nfe in published else ""}
+                if nfe in ours:
+                    row |= {k: v for k, v in _ours(result, ours[nfe]).items() if k in TABLE3_COLUMNS}
+                elif result is None:
+                    row["notes"] = f"not run here: run an experiment with {model} in run.models, e.g. preset " \
+                                   + TABLE3_PRESET[model].format(dataset)
+                else:
+                    row["notes"] = NOT_SAMPLED.format(nfe, result["path"], ", ".join(map(str, sorted(ours))))
+                rows.append(row)
+    return _frame(rows, TABLE3_COLUMNS)
+
+
+TABLE3_CAPTION = ("Table 3, beyond the paper: CD, CT, iCT and ECT, ours beside the published FIDs (source of each "
+                  "in `published`).")
+
 CAPTIONS = ("Table 1: CIFAR-10, ours beside Song et al. 2023 (Table 1).",
             "Table 2: ImageNet 64x64, LSUN Bedroom and Cat 256x256, ours beside Song et al. 2023 (Table 2).")
 
 
+def write_table(table: pd.DataFrame, caption: str, stem: Path) -> list[Path]:
+    """<stem>.csv and <stem>.md (the caption above the Markdown table), written atomically."""
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    write_text(csv_path, table.to_csv(index=False))
+    write_text(md_path, f"{caption}\n\n{to_markdown(table)}")
+    return [csv_path, md_path]
+
+
 def write_tables(results: dict[tuple[str, str], dict], out_dir: str | Path = TABLES_DIR) -> list[Path]:
-    """Write table1 and table2 as CSV and Markdown; returns the four paths."""
-    paths = []
-    for i, (table, caption) in enumerate(zip((build_table1(results), build_table2(results)), CAPTIONS), start=1):
-        csv_path, md_path = Path(out_dir) / f"table{i}.csv", Path(out_dir) / f"table{i}.md"
-        write_text(csv_path, table.to_csv(index=False))
-        write_text(md_path, f"{caption}\n\n{to_markdown(table)}")
-        paths += [csv_path, md_path]
-    return paths
+    """Write tables 1, 2 and 3 as CSV and Markdown; returns the six paths."""
+    tables = (build_table1(results), build_table2(results), build_table3(results))
+    return [path for i, (table, caption) in enumerate(zip(tables, CAPTIONS + (TABLE3_CAPTION,)), start=1)
+            for path in write_table(table, caption, Path(out_dir) / f"table{i}")]
 
 
 COMPARED = ("fid", "is", "kid", "precision", "recall", "nll_gap", "on_mode", "mode_tv", "frechet")
@@ -243,6 +297,15 @@ def compare_table(cfgs: dict[str, Config], results: dict[str, dict[tuple[str, st
     return table.dropna(axis=1, how="all") if len(table) else table
 
 
+def experiment_results(cfg: Config, paths_only: bool = False):
+    """The metrics of each model of an experiment ({(dataset, model): JSON}), or their paths."""
+    from pipeline.stages import layout, models
+
+    at = layout(cfg)
+    paths = [at.metrics(m) for m in models(cfg)]
+    return paths if paths_only else load_results(paths)
+
+
 def main() -> None:
     import argparse
 
@@ -252,6 +315,8 @@ def main() -> None:
     which.add_argument("--publish", action="store_true", help="copy this experiment's tables to results/tables/")
     which.add_argument("--compare", action="store_true",
                        help="results/tables/compare.{csv,md}: the experiments of params.yaml's compare:")
+    which.add_argument("--table3", nargs="+", metavar="NAME",
+                       help="results/tables/table3.{csv,md} from these experiments (params.yaml's table3:)")
     args = parser.parse_args()
     cfg = from_args(args)
     if args.publish:
@@ -264,21 +329,22 @@ def main() -> None:
         return
     try:
         if args.compare:
-            from pipeline.stages import metrics
-
             cfgs = {name: experiment(args.config, name).load(args.config) for name in compare_names(args.config)}
-            table = compare_table(cfgs, {n: load_results([metrics(c, m) for m in MODELS]) for n, c in cfgs.items()})
-            paths = [Path(TABLES_DIR) / "compare.csv", Path(TABLES_DIR) / "compare.md"]
-            write_text(paths[0], table.to_csv(index=False))
-            write_text(paths[1], f"Experiments {', '.join(cfgs)}: measures, and the knobs on which they differ.\n\n"
-                                 f"{to_markdown(table)}")
+            table = compare_table(cfgs, {n: experiment_results(c) for n, c in cfgs.items()})
+            paths = write_table(table, f"Experiments {', '.join(cfgs)}: measures, and the knobs on which they differ.",
+                                Path(TABLES_DIR) / "compare")
+        elif args.table3:
+            cfgs = {name: experiment(args.config, name).load(args.config) for name in args.table3}
+            results = load_results([p for c in cfgs.values() for p in experiment_results(c, paths_only=True)])
+            paths = write_table(build_table3(results), f"{TABLE3_CAPTION} Experiments: {', '.join(cfgs)}.",
+                                Path(TABLES_DIR) / "table3")
         else:
-            from pipeline.stages import metrics, tables_dir
+            from pipeline.stages import tables_dir
 
-            paths = write_tables(load_results([metrics(cfg, m) for m in MODELS]), tables_dir(cfg))
+            paths = write_tables(experiment_results(cfg), tables_dir(cfg))
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         sys.exit(f"error: {e}")
-    with tracking.stage_run("compare" if args.compare else "tables", cfg):
+    with tracking.stage_run("compare" if args.compare else "table3" if args.table3 else "tables", cfg):
         for path in paths:
             tracking.log_artifact(path)
     for path in paths[1::2]:

@@ -187,7 +187,7 @@ class Training:
             "world_size": self.ctx.world_size, "micro_batch": self.micro_batch,
             "network": self.cfg.raw["network"], "diffusion": self.cfg.raw["diffusion"], "config": self.cfg.raw,
             "shape": {"resolution": self.cfg.data.spec.resolution, "label_dim": self.cfg.data.label_dim},
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "model_options": self.model.options(),
             "extra": {name: m.state_dict() for name, m in self.extra.items()},
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "batches": self.batches.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
