@@ -82,7 +82,8 @@ def claims(table: pd.DataFrame, teacher_full_nfe: int, iterations: dict[str, int
         f"Frechet: teacher's best at NFE <= 2 {best_frechet:.3f} >= {FAR:g} x CD's {cd1.frechet:.3f}; NLL gap: "
         f"teacher's best {best_gap:.3f} >= CD's {cd1.nll_gap:.3f} + {FAR_NLL:g}",
         bool(len(few) and best_frechet >= FAR * cd1.frechet and best_gap >= cd1.nll_gap + FAR_NLL)))
-    for name, one, two in (("CD", cd1, cd2), ("CT", ct1, ct2)):
+    later = [(m, _row(table, m, 1), _row(table, m, 2)) for m in ("iCT", "ECT") if (table.model == m).any()]
+    for name, one, two in [("CD", cd1, cd2), ("CT", ct1, ct2)] + later:
         out.append(Claim(
             "(ii)", f"{name} with 2 steps is at least as good as with 1 step",
             f"NLL gap {two.nll_gap:.3f} <= {one.nll_gap:.3f} + {AS_GOOD:g}; mode TV {two.mode_tv:.3f} <= "

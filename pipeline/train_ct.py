@@ -35,11 +35,7 @@ def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Te
     if labels is not None:
         model, target = partial(model, class_labels=labels), partial(target, class_labels=labels)
     noise = noise or TorchNoise(x.shape[0], x.device)
-    if index_probs is None:
-        n = noise.integers(0, len(sigmas) - 1).to(sigmas.device)
-    else:  # inverse CDF of P(n); the clamp catches a u above the float32 cumsum's last value
-        u = noise.uniform(0).to(sigmas.device, index_probs.dtype)
-        n = torch.searchsorted(index_probs.cumsum(0), u).clamp(max=len(sigmas) - 2)
+    n = level_index(noise, sigmas, index_probs)
     t, t2 = sigmas[n], sigmas[n + 1]
     shape = (-1, *[1] * (x.ndim - 1))
     z = noise.normal_like(1, x)
@@ -53,6 +49,15 @@ def ct_loss(model: Callable, target: Callable, x: torch.Tensor, sigmas: torch.Te
     if weighted:
         loss = loss / (t - t2).to(loss.dtype)  # iCT: lambda(sigma_n) = 1 / (sigma_n - sigma_{n+1})
     return loss.mean()
+
+
+def level_index(noise: Noise | TorchNoise, sigmas: torch.Tensor,
+                index_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The level pair n of each row (stream 0): uniform on {0..N-2}, or drawn from P(n) by its inverse CDF."""
+    if index_probs is None:
+        return noise.integers(0, len(sigmas) - 1).to(sigmas.device)
+    u = noise.uniform(0).to(sigmas.device, index_probs.dtype)
+    return torch.searchsorted(index_probs.cumsum(0), u).clamp(max=len(sigmas) - 2)  # u above the float32 sum's end
 
 
 def schedule(c: ConsistencyTraining, step: int) -> tuple[int, float]:

@@ -43,7 +43,8 @@ def ect_loss(model: Callable, target: Callable, x: torch.Tensor, stage: int, e: 
     if labels is not None:
         model, target = partial(model, class_labels=labels), partial(target, class_labels=labels)
     noise = noise or TorchNoise(x.shape[0], x.device)
-    t = (e.p_mean + e.p_std * noise.normal(0).to(x.device, torch.float32)).exp()
+    precision = torch.promote_types(x.dtype, torch.float32)  # t, r and the loss: at least float32 under autocast
+    t = (e.p_mean + e.p_std * noise.normal(0).to(x.device, precision)).exp()
     r = cm.ect_r(t, stage, e.q, e.k, e.b, e.mapping)
     shape = (-1, *[1] * (x.ndim - 1))
     z = noise.normal_like(1, x)
@@ -55,7 +56,7 @@ def ect_loss(model: Callable, target: Callable, x: torch.Tensor, stage: int, e: 
     if dropout:
         dropout.replay()
     delta = model(x + t.reshape(shape).to(x.dtype) * z, t.to(x.dtype)) - target_out
-    distance = (delta.float().square().flatten(1).sum(1) + e.c**2).sqrt() - e.c
+    distance = (delta.to(precision).square().flatten(1).sum(1) + e.c**2).sqrt() - e.c
     weight = 1 / (t - r) if e.weighting == "inverse_gap" else 1 / t**2 + 1 / sigma_data**2
     return (weight * distance).mean()
 

@@ -31,10 +31,13 @@ from pipeline.stages import checkpoint, slurm_resources, stages
 
 STEPS = 20
 TOLERANCE = 1e-5
-SETS = ["run.threads=1", "run.dtype=float64"] + [
-    f"{kind}.{knob}" for kind in TRAINED for knob in (f"iterations={STEPS}", "checkpoint_every=5", "log_every=5")]
+KINDS = TRAINED + ("ict", "ect")
+# iCT and ECT without dropout here (each rank draws its own masks); ECT through 4 stages of r(t)
+SETS = ["run.threads=1", "run.dtype=float64", "ict.dropout=0", "ect.dropout=0", "ect.stage_iterations=5"] + [
+    f"{kind}.{knob}" for kind in KINDS for knob in (f"iterations={STEPS}", "checkpoint_every=5", "log_every=5")]
 SETTINGS = [arg for knob in SETS for arg in ("--set", knob)]
-MODULE = {"teacher": "pipeline.train_teacher", "cd": "pipeline.distill_cd", "ct": "pipeline.train_ct"}
+MODULE = {"teacher": "pipeline.train_teacher", "cd": "pipeline.distill_cd", "ct": "pipeline.train_ct",
+          "ict": "pipeline.train_ict", "ect": "pipeline.train_ect"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 # Patches loaded into every process of a run through PYTHONPATH (sitecustomize runs before the stage).
@@ -231,19 +234,19 @@ def _train(ws: Path, env: dict, runs: dict[str, list[str]]) -> dict[str, dict]:
     for name, process in processes.items():
         _, err = process.communicate(timeout=900)
         assert process.returncode == 0, f"{name}: {err[-3000:]}"
-        kind = next(k for k in TRAINED if MODULE[k] in runs[name])
+        kind = next(k for k in KINDS if MODULE[k] in runs[name])
         out[name] = torch.load(ws / "runs" / name / _checkpoint(ws, kind), map_location="cpu", weights_only=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> tuple[Path, dict, dict]:
-    """Each training stage for STEPS steps in float64 with 1 process, 2 processes and accumulation 2 (CD from the
-    1-process teacher), and CT with 2 processes that each draw their own noise."""
+    """Each training stage for STEPS steps in float64 with 1 process, 2 processes and accumulation 2 (CD and ECT from
+    the 1-process teacher), and CT with 2 processes that each draw their own noise."""
     ws, env = workspace(tmp_path_factory.mktemp("layouts"))
     run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
     out: dict = {}
-    for kind in TRAINED:
+    for kind in KINDS:
         out |= _train(ws, env, {f"{kind}.{shape}": _command(kind, shape)  # the one-process runs share the 2 cores
                                 for shape in ("one", "accumulate")})
         out |= _train(ws, env, {f"{kind}.two": _command(kind, "two")})
@@ -258,7 +261,7 @@ def layouts(tmp_path_factory) -> tuple[Path, dict, dict]:
 @pytest.mark.slow
 def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layouts):
     ws, env, trained = layouts
-    for kind in TRAINED:
+    for kind in KINDS:
         one, two, accumulated = (trained[f"{kind}.{shape}"] for shape in ("one", "two", "accumulate"))
         assert one["step"] == two["step"] == accumulated["step"] == STEPS
         assert (two["world_size"], two["micro_batch"]) == (2, 2)
@@ -277,7 +280,7 @@ def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layou
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["consistency-models"]).set_index("run_id")
     runs = runs[runs["tags.role"] != "experiment"]  # the experiment's parent run holds the stage runs
-    assert len(runs) == 1 + 3 * 3 + 1  # prepare_data's and one per training run, none from rank 1
+    assert len(runs) == 1 + 3 * len(KINDS) + 1  # prepare_data's and one per training run, none from rank 1
     two = trained["ct.two"]["mlflow_run_id"]
     assert runs.loc[two, ["params.world_size", "params.micro_batch", "params.accumulation"]].tolist() == ["2", "2", "1"]
     assert runs.loc[trained["ct.accumulate"]["mlflow_run_id"], "params.accumulation"] == "2"

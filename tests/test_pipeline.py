@@ -18,7 +18,7 @@ import yaml
 from conftest import copy_workspace, make_class_folders, run, workspace
 from PIL import Image
 
-from pipeline.config import experiment, load
+from pipeline.config import compare_names, experiment, load
 from pipeline.prepare_data import read_class_folders
 from pipeline.stages import (
     EDIT_TASKS,
@@ -75,12 +75,16 @@ def test_snakefile_rules_are_the_stages():
                             text=True, env={**os.environ, "CIFAR10_SOURCE": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
     rules = set(result.stdout.split())
-    tiny, l1 = experiment(ROOT / "params.yaml", "tiny").load(ROOT / "params.yaml"), experiment(
-        ROOT / "params.yaml", "tiny_l1").load(ROOT / "params.yaml")
-    own = {s.outs[0] for s in stages(tiny)}  # tiny_l1's stages that tiny has too are the same rules
-    assert rules == ({s.name for s in stages(tiny)} | {"all", "publish", "compare"}
-                     | {f"{s.name}__tiny_l1" for s in stages(l1) if s.outs[0] not in own})
+    expected, seen = {"all", "publish", "compare", "table3"}, set()
+    # tiny (selected), compare:'s tiny_l1, then table3:'s experiments; a stage seen before is the same rule
+    for name in ["tiny", "tiny_l1", *compare_names(ROOT / "params.yaml", "table3")]:
+        for s in stages(experiment(ROOT / "params.yaml", name).load(ROOT / "params.yaml")):
+            if s.outs[0] not in seen:
+                seen.add(s.outs[0])
+                expected.add(s.name if name == "tiny" else f"{s.name}__{name}")
+    assert rules == expected
     assert "distill_cd__tiny_l1" in rules and "train_teacher__tiny_l1" not in rules
+    assert "train_ict__ict_cifar10" in rules and "import_teacher__ect_cifar10" in rules
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -195,17 +195,22 @@ def test_stage_writes_and_logs_both_tables_of_its_experiment_and_publish_copies_
     write("imagenet64", "ct", [row(1), row(2)])  # another experiment's file: not this experiment's tables
     run_stage(workspace)
     tables = workspace / "results" / cfg.name / "tables"
-    assert sorted(p.name for p in tables.iterdir()) == ["table1.csv", "table1.md", "table2.csv", "table2.md"]
+    assert sorted(p.name for p in tables.iterdir()) == ["table1.csv", "table1.md", "table2.csv", "table2.md",
+                                                         "table3.csv", "table3.md"]
     t1, t2 = pd.read_csv(tables / "table1.csv"), pd.read_csv(tables / "table2.csv")
     assert list(t1.columns) == TABLE1_COLUMNS and list(t2.columns) == TABLE2_COLUMNS
     assert len(t1) == 5 and len(t2) == 12 and t2.fid.isna().all()
     assert t1.set_index(["method", "nfe"]).loc[("CD", 2), "fid"] == 12.346
     assert (tables / "table2.md").read_text().startswith("Table 2: ImageNet 64x64")
     logged = {p.name for p in workspace.rglob("table*.*") if tables not in p.parents}
-    assert logged == {"table1.csv", "table1.md", "table2.csv", "table2.md"}  # MLflow artifacts
+    assert logged == {"table1.csv", "table1.md", "table2.csv", "table2.md", "table3.csv", "table3.md"}  # MLflow
+    t3 = pd.read_csv(tables / "table3.csv").set_index(["dataset", "method", "nfe"])
+    assert tuple(t3.loc[("CIFAR-10 32x32", "CD", 2), ["fid", "published_fid"]]) == (12.346, 2.93)
+    assert t3.loc[("CIFAR-10 32x32", "iCT", 1)].notes.startswith("not run here")
     run_stage(workspace, "--publish")
     for name in ("table1.csv", "table1.md", "table2.csv", "table2.md"):
         assert (workspace / "results/tables" / name).read_bytes() == (tables / name).read_bytes()
+    assert not (workspace / "results/tables/table3.csv").exists()  # Table 3 of several experiments: its own stage
 
 
 DOC = {"model": "cd", "dataset": "cifar10", "preset": "tiny", "training": "x", "mlflow_run_id": "b" * 32, "rows": []}
