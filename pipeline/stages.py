@@ -262,7 +262,10 @@ def training_io(cfg: Config, kind: str, stage: str | None = None, output: str | 
     """What the training loop takes from the DAG, as plain keyword arguments of pipeline.training.Training:
     the stage's name, checkpoint, data folder, params fingerprint, loss figure and micro-batch."""
     name = stage or TRAIN_STAGE[kind]
-    definition = next(s for s in stages(cfg) if s.name == name)
+    definition = next((s for s in stages(cfg) if s.name == name), None)
+    if definition is None:
+        raise SystemExit(f"error: {name}: experiment {cfg.name} does not train {kind} (run.models: "
+                         f"{cfg.run.models}); add it, e.g. --set 'run.models=[{', '.join(cfg.run.models + [kind])}]'")
     own = output is None  # the model's own training stage (ablation runs name their checkpoint and draw no loss)
     return {"stage": name, "output": output or checkpoint(cfg, kind), "data": data_dir(cfg),
             "fingerprint": definition.param_values(cfg), "loss_plot": loss_figure(cfg, kind) if own else None,

@@ -33,7 +33,8 @@ STEPS = 20
 TOLERANCE = 1e-5
 KINDS = TRAINED + ("ict", "ect")
 # iCT and ECT without dropout here (each rank draws its own masks); ECT through 4 stages of r(t)
-SETS = ["run.threads=1", "run.dtype=float64", "ict.dropout=0", "ect.dropout=0", "ect.stage_iterations=5"] + [
+SETS = ["run.threads=1", "run.dtype=float64", f"run.models=[{', '.join(KINDS)}]", "ict.dropout=0", "ect.dropout=0",
+        "ect.stage_iterations=5"] + [
     f"{kind}.{knob}" for kind in KINDS for knob in (f"iterations={STEPS}", "checkpoint_every=5", "log_every=5")]
 SETTINGS = [arg for knob in SETS for arg in ("--set", knob)]
 MODULE = {"teacher": "pipeline.train_teacher", "cd": "pipeline.distill_cd", "ct": "pipeline.train_ct",

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import torch
-from conftest import copy_workspace, run, set_training_resources, workspace
+from conftest import workspace
 from test_slurm import FAST_POLLING, PROFILE, _snakemake_cmd, slurm_cluster  # noqa: F401 (a fixture)
 
 from pipeline.config import ConfigError, Experiment, experiment, load, selected
@@ -110,84 +107,6 @@ def test_a_checkpoint_of_the_old_layout_gets_one_line_saying_where_it_now_goes(t
 
 def _env_without_slurm(env: dict) -> dict:
     return {k: v for k, v in env.items() if not k.startswith(("SLURM_", "SBATCH_", "SNAKEMAKE_"))}
-
-
-@pytest.mark.slow
-def test_a_named_variant_beside_the_preset_shares_its_upstream_stages_and_keeps_both(micro_dag, tmp_path):
-    """micro (built by conftest.micro_dag) and micro with CD's metric l1, named micro_l1, in one workspace."""
-    ws, env = copy_workspace(*micro_dag, tmp_path / "two")
-    base = load(ws / "params.yaml", "micro")
-    variant = load(ws / "params.yaml", "micro", ["cd.metric=l1", "run.name=micro_l1"])
-    shared = [p for s in stages(base) if s.name in ("prepare_data", "reference_stats", "train_teacher", "train_ct",
-                                                     "sample_teacher", "sample_ct", "evaluate_teacher", "evaluate_ct")
-              for p in s.outs]
-    before = {p: (ws / p).stat().st_mtime_ns for p in shared}
-    config = ["--config", "preset=micro", 'set=["cd.metric=l1"]', "name=micro_l1"]
-    target = f"{tables_dir(variant)}/table1.csv"
-    out = run([sys.executable, "-m", "snakemake", "--cores", "2", target, *config], ws, env)  # --config: last
-    ran = {line.split()[1].rstrip(":") for line in out.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
-    assert ran == {"distill_cd", "search_cd", "sample_cd", "evaluate_cd", "tables"}, out.stderr[-3000:]
-    assert {p: (ws / p).stat().st_mtime_ns for p in shared} == before  # the teacher, CT, data: not touched
-    # Both CD checkpoints, trained with their own metric (the --set reached the job), and both tables.
-    mine, theirs = (torch.load(ws / checkpoint(c, "cd"), map_location="cpu", weights_only=False)
-                    for c in (variant, base))
-    assert mine["config"]["cd"]["metric"] == "l1" and theirs["config"]["cd"]["metric"] == "l2"
-    assert mine["config"]["run"]["name"] == "micro_l1"
-    t_base, t_variant = (pd.read_csv(ws / tables_dir(c) / "table1.csv") for c in (base, variant))
-    assert t_base.fid[0] == t_variant.fid[0] and t_base.fid[3] == t_variant.fid[3]  # one teacher, one CT
-    assert t_base.fid[1] != t_variant.fid[1]  # two CDs
-    again = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", target, *config], ws, env)
-    assert "Nothing to be done" in again.stdout + again.stderr  # a re-run re-does nothing
-    first = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", f"{tables_dir(base)}/table1.csv"], ws, env)
-    assert "Nothing to be done" in first.stdout + first.stderr  # and the preset's own outputs are still current
-    # MLflow: the variant's runs carry the values they used, under the variant's name.
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["consistency-models"])
-    every = runs[runs["tags.experiment"] == "micro_l1"]
-    parent, mine = every[every["tags.role"] == "experiment"], every[every["tags.role"] != "experiment"]
-    mine = mine.set_index("tags.stage")
-    assert len(parent) == 1 and set(mine.index) == ran  # the variant's runs, under its own parent run
-    assert (mine["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]).all()
-    assert mine.loc["distill_cd", "params.cd.metric"] == "l1"
-    assert json.loads((ws / metrics(variant, "cd")).read_text())["mlflow_run_id"] == mine.loc["evaluate_cd", "run_id"]
-
-
-@pytest.mark.slow
-def test_the_micro_dags_of_ict_and_ect_train_on_two_processes_and_fill_table3_beside_micro(micro_dag, tmp_path):
-    """ict_cifar10 and ect_cifar10 at micro size beside micro (conftest.micro_dag) in one workspace: Table 3 of the
-    three experiments, iCT and ECT trained by 2 processes; the data and reference statistics are micro's."""
-    ws, env = copy_workspace(*micro_dag, tmp_path / "beyond")
-    set_training_resources(ws, stages=("train_ict", "train_ect"), processes=2)
-    names = ["micro", "ict_cifar10+micro", "ect_cifar10+micro"]
-    cfgs = {n: load(ws / "params.yaml", n) for n in names}
-    shared = [p for s in stages(cfgs["micro"]) if s.name in ("prepare_data", "reference_stats") for p in s.outs]
-    before = {p: (ws / p).stat().st_mtime_ns for p in shared}
-    config = ["--config", "table3=" + json.dumps(names)]
-    out = run([sys.executable, "-m", "snakemake", "--cores", "2", "results/tables/table3.csv", *config], ws, env)
-    ran = {line.split()[1].rstrip(":") for line in out.stderr.splitlines() if line.startswith(("rule ", "localrule "))}
-    assert ran == {"train_ict__ict_cifar10_micro", "sample_ict__ict_cifar10_micro", "evaluate_ict__ict_cifar10_micro",
-                   "train_teacher__ect_cifar10_micro", "train_ect__ect_cifar10_micro",
-                   "sample_teacher__ect_cifar10_micro", "sample_ect__ect_cifar10_micro",
-                   "evaluate_teacher__ect_cifar10_micro", "evaluate_ect__ect_cifar10_micro", "table3"}, ran
-    assert {p: (ws / p).stat().st_mtime_ns for p in shared} == before  # micro's data and reference statistics
-    for name, kind in (("ict_cifar10+micro", "ict"), ("ect_cifar10+micro", "ect")):
-        ckpt = torch.load(ws / checkpoint(cfgs[name], kind), map_location="cpu", weights_only=False)
-        assert (ckpt["kind"], ckpt["world_size"], ckpt["step"]) == (kind, 2, 3)
-    teacher = torch.load(ws / checkpoint(cfgs["ect_cifar10+micro"], "teacher"), map_location="cpu", weights_only=False)
-    assert teacher["network"]["arch"] == "ddpmpp"  # ECT's own (DDPM++) teacher
-    table = pd.read_csv(ws / "results/tables/table3.csv")
-    cifar = table[table.dataset == "CIFAR-10 32x32"].set_index(["method", "nfe"])
-    assert list(cifar.index) == [(m, n) for m in ("CD", "CT", "iCT", "ECT") for n in (1, 2)]
-    assert cifar.fid.notna().all() and (cifar.published_fid > 0).all()  # ours beside each published FID
-    assert cifar.loc[("ECT", 2), "published_fid"] == 2.11 and cifar.loc[("iCT", 1), "published_fid"] == 2.83
-    assert set(cifar.preset) == {"micro", "ict_cifar10+micro", "ect_cifar10+micro"}
-    imagenet = table[table.dataset == "ImageNet 64x64"]
-    assert imagenet.fid.isna().all() and imagenet.notes.str.startswith("not run here").all()
-    again = run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "results/tables/table3.csv", *config],
-                ws, env)
-    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 @pytest.mark.slurm

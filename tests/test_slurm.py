@@ -344,7 +344,7 @@ def test_training_cut_by_the_time_limit_requeues_itself_and_ends_as_an_uninterru
     # steps sleep 70 s in all, so at least two legs on any machine. The second leg runs at full speed (about 10 s
     # of computing on one core here, after some 20 s of starting up), so a busy machine needs no more legs.
     iterations, step_sleep = 100, 0.7
-    edits = {"teacher: {iterations: 4, batch: 4,": f"teacher: {{iterations: {iterations}, batch: 4,",
+    edits = {"teacher: {source: train, iterations: 4, batch: 4,": f"teacher: {{iterations: {iterations}, batch: 4,",
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 2, log_every: 1}":
              "ema_halflife_kimg: 0.01,\n              checkpoint_every: 100000, log_every: 50}",
              "  warn_seconds: 300 ": "  warn_seconds: 60 "}
