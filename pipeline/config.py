@@ -516,9 +516,12 @@ class Cluster:
     gpus_per_node: int  # a stage asking for more stops before anything is submitted
     warn_seconds: int  # training jobs ask SLURM for SIGURG this long before their time limit (sbatch --signal)
     requeue: bool  # on that signal: checkpoint, then `scontrol requeue` (false: checkpoint and exit)
+    timeout_minutes: float = 30.0  # a collective that waits longer (a rank died, a node hangs) stops the run
+    network_interface: str | None = None  # GLOO_ and NCCL_SOCKET_IFNAME for nodes with several interfaces (ib0)
 
     def problems(self) -> list[tuple[str, str]]:
-        return [(k, "must be > 0") for k in ("gpus_per_node", "warn_seconds") if getattr(self, k) <= 0]
+        return [(k, "must be > 0") for k in ("gpus_per_node", "warn_seconds", "timeout_minutes")
+                if getattr(self, k) <= 0]
 
 
 @dataclass(frozen=True)

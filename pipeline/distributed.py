@@ -9,6 +9,7 @@ they never wait on the GPU.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import subprocess
 import time
@@ -59,16 +60,22 @@ def device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def init(device_name: str = "auto") -> Context:
-    """Join the process group the launcher describes (nothing to join for one process)."""
+def init(device_name: str = "auto", timeout_minutes: float = 30.0, interface: str | None = None) -> Context:
+    """Join the process group the launcher describes (nothing to join for one process). A collective that waits
+    longer than timeout_minutes raises instead of hanging the allocation; `interface` names the network interface
+    of gloo and NCCL (else gloo picks the one of the hostname's address, often not the fast one between nodes)."""
     rank, world, local_rank = _launch_env()
     where = device(device_name, local_rank)
     cuda = where.type == "cuda"
     if world == 1:
         return Context(0, 1, 0, where)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    if interface:
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, interface)  # the job's own setting wins
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
     atexit.register(dist.destroy_process_group)
-    control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
     return Context(rank, world, local_rank, where, control)
 
 

@@ -89,7 +89,7 @@ def setup_training(cfg: Config) -> Context:
     caught from here on, so that a warning that arrives while the models load is not lost."""
     _catch_signals()
     _threads_and_seed(cfg)
-    return distributed.init(cfg.run.device)
+    return distributed.init(cfg.run.device, cfg.cluster.timeout_minutes, cfg.cluster.network_interface)
 
 
 class _Stop(Exception):
@@ -181,7 +181,12 @@ class Training:
             print(message, file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def rng_state(self) -> dict:
+        """This rank's generators that draw dropout masks: the CPU's, and on a GPU the device's."""
+        cuda = self.device.type == "cuda"
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+
+    def state(self, rngs: list[dict] | None = None) -> dict:
         return {
             "kind": self.kind, "step": self.step, "fingerprint": self.fingerprint,
             "world_size": self.ctx.world_size, "micro_batch": self.micro_batch,
@@ -190,7 +195,7 @@ class Training:
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "model_options": self.model.options(),
             "extra": {name: m.state_dict() for name, m in self.extra.items()},
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "batches": self.batches.state_dict(), "torch_rng": torch.get_rng_state(), "history": self.history,
+            "batches": self.batches.state_dict(), "rng": rngs or [self.rng_state()], "history": self.history,
             "skipped": self.skipped,
             "evaluations": self.evaluations, "mlflow_run_id": self.run_id,
         }
@@ -198,12 +203,13 @@ class Training:
     def save(self, path: Path) -> None:
         """Check that every rank holds the same weights, then write the checkpoint from rank 0."""
         sums = distributed.gather(self.ctx, replica_checksum({"model": self.model, "ema": self.ema, **self.extra}))
+        rngs = distributed.gather(self.ctx, self.rng_state())  # every rank's, in rank order
         if len(set(sums)) > 1:
             bad = [rank for rank, s in enumerate(sums) if s != sums[0]]
             raise SystemExit(f"error: {self.stage}: at step {self.step} the weights of rank(s) {bad} (online, EMA "
                              f"or target) differ from rank 0's: the replicas diverged; no checkpoint written")
         if self.ctx.main:
-            atomic_save(self.state(), path, keep_previous=path == self.resume_path)
+            atomic_save(self.state(rngs), path, keep_previous=path == self.resume_path)
         distributed.barrier(self.ctx)
 
     def _resume_state(self) -> tuple[dict, Path] | None:
@@ -232,13 +238,23 @@ class Training:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state.get("scaler", {}))
         self.batches.load_state_dict(state["batches"])
-        if self.ctx.world_size == 1 and state.get("world_size", 1) == 1:
-            torch.set_rng_state(state["torch_rng"])  # dropout masks continue exactly where one process stopped
+        if state.get("world_size", 1) == self.ctx.world_size:  # the same layout: each rank's masks continue exactly
+            self._set_rng_state(state)
         self.step, self.history, self.run_id = state["step"], state["history"], state["mlflow_run_id"]
         self.evaluations, self.skipped = state.get("evaluations", []), state.get("skipped", 0)
         was = state.get("world_size", 1)
         self.say(f"resuming {self.kind} from step {self.step} ({path})"
                  + (f", written by {was} processes, now {self.ctx.world_size}" if was != self.ctx.world_size else ""))
+
+    def _set_rng_state(self, state: dict) -> None:
+        if "rng" not in state:  # written before per-rank generators were kept: one process's CPU generator
+            if self.ctx.world_size == 1:
+                torch.set_rng_state(state["torch_rng"])
+            return
+        mine = state["rng"][self.ctx.rank]
+        torch.set_rng_state(mine["cpu"])
+        if self.device.type == "cuda" and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
 
     # ---------------------------------------------------------------------------------------------
     def _step(self, loss_fn: LossFn) -> tuple[torch.Tensor, dict, bool]:

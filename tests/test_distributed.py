@@ -311,6 +311,69 @@ def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupt
 
 
 @pytest.mark.slow
+def test_a_two_process_run_with_dropout_killed_and_resumed_on_two_ends_as_the_uninterrupted_run(layouts):
+    """Each rank's generator (CPU here, also CUDA's on a GPU) is in the resume checkpoint: the dropout masks after
+    the resume are those an uninterrupted run draws (before, every rank restarted its masks from its seed)."""
+    ws, env, _ = layouts
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/dropout.db"}  # the fixture's store counts its own runs
+    dropout = ["--set", "ict.dropout=0.3"]  # iCT: the online and the target pass share each rank's masks
+    final = checkpoint(load(ws / "params.yaml", overrides=SETS + ["ict.dropout=0.3"]), "ict")
+    uninterrupted = _folder(ws, "ict.dropout.whole")
+    run(_command("ict", "two") + dropout, uninterrupted, env)
+    whole = torch.load(uninterrupted / final, map_location="cpu", weights_only=False)
+    folder = _folder(ws, "ict.dropout.killed")
+    process = subprocess.Popen(_command("ict", "two") + dropout, cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    resume = (folder / final).with_suffix(".resume.pt")
+    deadline = time.monotonic() + 300
+    while not resume.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        victim.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    state = torch.load(resume, map_location="cpu", weights_only=False)
+    assert state["world_size"] == 2 and 5 <= state["step"] < STEPS and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])  # each rank its own masks
+    run(_command("ict", "two") + dropout, folder, env)
+    resumed = torch.load(folder / final, map_location="cpu", weights_only=False)
+    assert resumed["step"] == STEPS
+    print(f"ict with dropout, killed at step {state['step']} and resumed: {largest_difference(whole, resumed):.2e}")
+    assert largest_difference(whole, resumed) < TOLERANCE
+
+
+HANG = """
+import os, sys, time
+import torch.distributed as dist
+from pipeline import distributed
+ctx = distributed.init("cpu", timeout_minutes=0.05, interface="lo")  # 3 s
+print(f"rank {ctx.rank} GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}", flush=True)
+if ctx.rank == 1:
+    time.sleep(30)  # a rank that hangs
+    sys.exit(0)
+started = time.monotonic()
+try:
+    distributed.barrier(ctx)
+except RuntimeError:
+    print(f"rank 0 gave up after {time.monotonic() - started:.0f} s", flush=True)
+    os._exit(3)
+"""
+
+
+def test_a_hung_rank_stops_the_others_after_the_timeout_on_the_named_interface(tmp_path):
+    """cluster.timeout_minutes reaches the process group (a collective raises instead of waiting 30 minutes, the
+    default) and cluster.network_interface becomes GLOO_SOCKET_IFNAME (and NCCL's) of every rank."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    started = time.monotonic()
+    result = subprocess.run([*TORCHRUN, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert "rank 0 gave up after" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert result.stdout.count("GLOO_SOCKET_IFNAME=lo") == 2
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
 def test_replicas_that_diverge_stop_the_run_at_the_first_checkpoint(layouts):
     ws, env, _ = layouts
     folder = _folder(ws, "ct.diverged")
