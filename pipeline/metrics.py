@@ -31,6 +31,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import cleanfid.fid
@@ -320,24 +321,32 @@ class InceptionFeatures:
             probs = torch.softmax(pool @ self._net.output.weight.T, dim=1)
         return pool, probs
 
-    def __call__(self, images: np.ndarray, progress: bool = True) -> FeatureSet:
-        """Features of uint8 images (N, H, W, 3) with values in [0, 255]."""
+    def batches(self, images: np.ndarray, progress: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Features of uint8 images (N, H, W, 3) in [0, 255], one batch at a time as the network gives them:
+        (pool (B, 2048), probs (B, 1008) or None) in float32, so that a caller can reduce N images in O(B) memory."""
         images = _check_images(images)
         batches = [images[start:start + self.batch_size] for start in range(0, len(images), self.batch_size)]
-        pools, probs = [], []
         # Resize the next batch on a CPU thread while the network runs on this one.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor, torch.inference_mode(), \
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor, \
                 tqdm(total=len(images), unit="img", desc="Inception", disable=not progress) as bar:
             pending = executor.submit(self._prepare, batches[0])
             for i in range(len(batches)):
                 x = pending.result()
                 if i + 1 < len(batches):
                     pending = executor.submit(self._prepare, batches[i + 1])
-                pool, prob = self._forward(x)
-                pools.append(pool.double().cpu().numpy())
-                if prob is not None:
-                    probs.append(prob.double().cpu().numpy())
+                with torch.inference_mode():   # not across the yield: the caller's code runs in its own mode
+                    pool, prob = self._forward(x)
+                    pool, prob = pool.cpu().numpy(), None if prob is None else prob.cpu().numpy()
                 bar.update(len(x))
+                yield pool, prob
+
+    def __call__(self, images: np.ndarray, progress: bool = True) -> FeatureSet:
+        """Features of uint8 images (N, H, W, 3) with values in [0, 255], all N in memory (float64)."""
+        pools, probs = [], []
+        for pool, prob in self.batches(images, progress):
+            pools.append(pool.astype(np.float64))
+            if prob is not None:
+                probs.append(prob.astype(np.float64))
         return FeatureSet(pool=np.concatenate(pools), probs=np.concatenate(probs) if probs else None)
 
 
@@ -351,6 +360,71 @@ def feature_statistics(pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if pool.ndim != 2 or len(pool) < 2:
         raise ValueError(f"need at least 2 feature vectors of shape (N, D), got {pool.shape}")
     return pool.mean(axis=0), np.cov(pool, rowvar=False)
+
+
+class FeatureMoments:
+    """Mean and unbiased covariance of feature vectors (N, D) added batch by batch, in O(chunk x D + D^2) memory:
+    what feature_statistics gives for all N at once (to float64 rounding), without holding the N vectors.
+
+    Rows are gathered into chunks of `chunk` rows (float64); each full chunk, with its own mean m_b and centred
+    scatter M2_b = (x - m_b)^T (x - m_b), is merged into the running (n, mean, M2) as Chan et al. (1979): centring
+    every chunk on its own mean keeps the products small when the mean is large against the spread, where sums of
+    raw outer products would cancel catastrophically.
+    """
+
+    def __init__(self, dim: int = FEATURE_DIM, chunk: int = 2048):
+        self.dim = int(dim)
+        self.count = 0
+        self.mean = np.zeros(self.dim)
+        self.m2 = np.zeros((self.dim, self.dim))   # sum over rows of (x - mean)(x - mean)^T
+        self._chunk = np.empty((int(chunk), self.dim))
+        self._filled = 0
+
+    def add(self, batch: np.ndarray) -> None:
+        """Add feature vectors (B, D) of any float dtype (copied into the chunk; the batch is not kept)."""
+        batch = np.asarray(batch)
+        if batch.ndim != 2 or batch.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape (B, {self.dim}), got {batch.shape}")
+        while len(batch):
+            take = min(len(batch), len(self._chunk) - self._filled)
+            self._chunk[self._filled:self._filled + take] = batch[:take]
+            self._filled += take
+            batch = batch[take:]
+            if self._filled == len(self._chunk):
+                self._merge_chunk()
+
+    def _merge_chunk(self) -> None:
+        # Chan: n = n_a + n_b, d = m_b - m_a, mean = m_a + d n_b / n, M2 = M2_a + M2_b + d d^T n_a n_b / n.
+        x = self._chunk[:self._filled]
+        n_a, n_b = self.count, len(x)
+        if n_b == 0:
+            return
+        n = n_a + n_b
+        chunk_mean = x.mean(axis=0)
+        delta = chunk_mean - self.mean
+        x -= chunk_mean                    # centred in place: the buffer is refilled afterwards
+        self.m2 += x.T @ x                 # one operand transposed: numpy's symmetric rank-k update, symmetric
+        scaled = delta * np.sqrt(n_a * n_b / n)
+        self.m2 += np.outer(scaled, scaled)  # as a product of one vector with itself: exactly symmetric too
+        self.mean += delta * (n_b / n)
+        self.count = n
+        self._filled = 0
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of every row added so far: mean and M2 / (n - 1), as np.cov(rowvar=False)."""
+        self._merge_chunk()
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.count}")
+        return self.mean.copy(), self.m2 / (self.count - 1)
+
+
+def streaming_statistics(batches: Iterable[np.ndarray], dim: int = FEATURE_DIM,
+                         chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """feature_statistics of the rows of an iterable of (B, D) batches, consumed one at a time (FeatureMoments)."""
+    moments = FeatureMoments(dim, chunk)
+    for batch in batches:
+        moments.add(batch)
+    return moments.statistics()
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -3,10 +3,14 @@ clean-fid's own functions, and against the values of our former FID/KID code."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import time
+import tracemalloc
 import urllib.request
+import weakref
+from types import SimpleNamespace
 
 import cleanfid.fid
 import numpy as np
@@ -16,7 +20,7 @@ import scipy.spatial.distance
 import torch
 from cleanfid.resize import build_resizer
 
-from pipeline import metrics
+from pipeline import metrics, reference_stats
 from pipeline.metrics import (
     FeatureSet,
     InceptionFeatures,
@@ -299,6 +303,122 @@ def test_reference_stats_refuse_unstorable_metadata(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# Streamed statistics of the reference_stats stage.
+
+def offset_features(n: int, seed: int, offset: float = 50.0) -> np.ndarray:
+    """float32 Inception-sized features whose common offset is large against their spread (unit variance)."""
+    return np.random.default_rng(seed).standard_normal((n, metrics.FEATURE_DIM), dtype=np.float32) + np.float32(offset)
+
+
+def in_batches(x: np.ndarray, size: int):
+    for start in range(0, len(x), size):
+        yield x[start:start + size]
+
+
+@pytest.mark.parametrize("chunk", [2048, 100])   # chunks straddling batches; many merges
+def test_streamed_statistics_are_numpys_mean_and_covariance(chunk):
+    # Tolerance: both sides are float64 computations of the same centred sums, which agree to a few tens of ulps
+    # (measured: 7e-15 on a covariance of scale 1); 1e-12 of the covariance's scale leaves 100x margin, and is what
+    # the raw form sum(x x^T) / n - mu mu^T misses at this offset (9e-12: 50^2 / 1 of cancellation).
+    x = offset_features(5000, seed=27)
+    mu, sigma = metrics.streaming_statistics(in_batches(x, 333), chunk=chunk)   # 333: batches of uneven sizes
+    expected = np.cov(x.astype(np.float64), rowvar=False)
+    assert np.abs(mu - x.astype(np.float64).mean(axis=0)).max() <= 1e-12 * 50
+    assert np.abs(sigma - expected).max() <= 1e-12 * np.abs(expected).max()
+    assert mu.dtype == sigma.dtype == np.float64 and np.array_equal(sigma, sigma.T)   # symmetric, as np.cov's
+
+
+def test_streamed_statistics_hold_no_more_than_one_batch():
+    alive: list[weakref.ref] = []
+
+    def batches():
+        rng = np.random.default_rng(28)
+        for _ in range(30):
+            # The previous batch may still be referenced (the loops' variables); none before it.
+            assert sum(ref() is not None for ref in alive) <= 1
+            batch = rng.standard_normal((100, 16)) + 50
+            alive.append(weakref.ref(batch))
+            yield batch
+
+    mu, sigma = metrics.streaming_statistics(batches(), dim=16, chunk=64)
+    assert len(alive) == 30 and sigma.shape == (16, 16)
+
+
+def test_streamed_statistics_need_two_vectors():
+    with pytest.raises(ValueError):
+        metrics.streaming_statistics([np.zeros((1, 4))], dim=4)
+
+
+class FakeInception:
+    """Stands in for InceptionFeatures in the reference_stats stage: deterministic float32 pool features of the
+    images (a fixed projection of their pixels through tanh, offset by +50), by batches (`batches`, the streamed
+    pass) or all at once in float64 (`__call__`, the former pass of the stage)."""
+
+    source = "fake"
+
+    def __init__(self, pixels: int, batch_size: int = 250):
+        self.batch_size = batch_size
+        self.projection = np.random.default_rng(29).standard_normal((pixels, metrics.FEATURE_DIM)) / np.sqrt(pixels)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        x = images.reshape(len(images), -1) / 127.5 - 1
+        return (np.tanh(x @ self.projection) * 3 + 50).astype(np.float32)
+
+    def batches(self, images: np.ndarray, progress: bool = True):
+        for batch in in_batches(images, self.batch_size):
+            yield self.features(batch), None
+
+    def __call__(self, images: np.ndarray, progress: bool = True) -> FeatureSet:
+        return FeatureSet(pool=np.concatenate([pool.astype(np.float64) for pool, _ in self.batches(images)]))
+
+
+def run_reference_stats(monkeypatch, tmp_path, images: np.ndarray, pr_ref_images: int) -> tuple[str, str]:
+    """reference_stats.main on `images` with FakeInception, without config, data files or MLflow."""
+    cfg = SimpleNamespace(evaluate=SimpleNamespace(ref_images=None, pr_ref_images=pr_ref_images, mode="clean"))
+    stats_path, features_path = str(tmp_path / "fid_ref.npz"), str(tmp_path / "ref_features.npy")
+    inception = FakeInception(images[0].size)
+    for name, value in {"stage_cli": lambda doc: (cfg, None), "setup_torch": lambda cfg: "cpu",
+                        "data_dir": lambda cfg: "unused", "load_split": lambda folder, split: (images, None),
+                        "load_inception": lambda cfg, device: inception, "ref_stats": lambda cfg: stats_path,
+                        "ref_features": lambda cfg: features_path}.items():
+        monkeypatch.setattr(reference_stats, name, value)
+    monkeypatch.setattr(reference_stats.tracking, "stage_run", lambda stage, cfg: contextlib.nullcontext())
+    monkeypatch.setattr(reference_stats.tracking, "log_metrics", lambda values: None)
+    reference_stats.main()
+    return stats_path, features_path
+
+
+def test_reference_stats_stage_writes_the_statistics_of_all_features(tmp_path, monkeypatch):
+    images = np.random.default_rng(30).integers(0, 256, (1234, 4, 4, 3), dtype=np.uint8)
+    stats_path, features_path = run_reference_stats(monkeypatch, tmp_path, images, pr_ref_images=300)
+    every = FakeInception(images[0].size)(images).pool   # what the stage computed before: all N in float64
+    with np.load(stats_path) as stats:   # the file's keys and dtypes as before
+        assert sorted(stats.files) == ["count", "feature_count", "inception", "mode", "mu", "sigma"]
+        assert stats["mu"].dtype == stats["sigma"].dtype == np.float64
+        assert (stats["count"].item(), stats["feature_count"].item(), stats["mode"].item()) == (1234, 300, "clean")
+        assert np.abs(stats["mu"] - every.mean(axis=0)).max() <= 1e-12 * 50   # as the test above
+        expected = np.cov(every, rowvar=False)
+        assert np.abs(stats["sigma"] - expected).max() <= 1e-12 * np.abs(expected).max()
+    kept = np.load(features_path)
+    assert kept.dtype == np.float32 and kept.shape == (300, metrics.FEATURE_DIM)
+    np.testing.assert_array_equal(kept, every[:300].astype(np.float32))
+
+
+def test_reference_stats_stage_memory_does_not_grow_with_the_images(tmp_path, monkeypatch):
+    # The former stage held all N x 2048 features in float64 (and np.cov a centred copy): at least N x 2048 x 8
+    # bytes, 328 MB here. Streamed: a chunk, the 2048 x 2048 sums and the kept features, ~100 MB for any N.
+    n = 20_000
+    images = np.random.default_rng(31).integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        run_reference_stats(monkeypatch, tmp_path, images, pr_ref_images=1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * metrics.FEATURE_DIM * 8 / 2, f"peak {peak / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------
 # Finding the weights.
 
 def test_unreachable_download_fails_fast(monkeypatch):
@@ -363,6 +483,21 @@ def test_clean_fid_style_file_gives_probabilities(fake_clean_fid_file):
     with torch.no_grad():
         expected = module(torch.from_numpy(images).permute(0, 3, 1, 2).float()).double().numpy()
     np.testing.assert_allclose(legacy.probs, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_batches_are_the_features_of_call_one_batch_at_a_time(fake_clean_fid_file):
+    inception = InceptionFeatures(fake_clean_fid_file, batch_size=2)
+    images = np.random.default_rng(32).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    pools, probs = [], []
+    for pool, prob in inception.batches(images, progress=False):
+        assert not torch.is_inference_mode_enabled()   # the caller's code between batches runs in its own mode
+        assert pool.dtype == prob.dtype == np.float32
+        pools.append(pool)
+        probs.append(prob)
+    assert [len(pool) for pool in pools] == [2, 2, 1]
+    whole = inception(images, progress=False)
+    np.testing.assert_array_equal(np.concatenate(pools), whole.pool)
+    np.testing.assert_array_equal(np.concatenate(probs), whole.probs)
 
 
 def test_fp16_weights_are_upcast_and_env_var_overrides_auto(fake_clean_fid_file, tmp_path, monkeypatch):
