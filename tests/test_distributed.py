@@ -196,11 +196,12 @@ def test_sinfo_partitions_and_a_request_no_node_can_meet():
 
 
 def _command(kind: str, shape: str, dtype: str = "float64") -> list[str]:
-    """Train `kind` for STEPS steps as 'one', 'two' (torchrun, 2 processes) or 'accumulate' (1 process, 2 micro
-    batches)."""
-    prefix = TORCHRUN if shape == "two" else [sys.executable]
+    """Train `kind` for STEPS steps as 'one', 'two' (torchrun, 2 processes), 'accumulate' (1 process, 2 micro
+    batches) or 'two_accumulate' (2 processes of 2 micro-batches: DDP's no_sync on all but the last)."""
+    prefix = TORCHRUN if shape.startswith("two") else [sys.executable]
     args = [*prefix, "-m", MODULE[kind], *SETTINGS, "--set", f"run.dtype={dtype}"]
-    return args + (["--set", f"resources.{TRAIN_STAGE[kind]}.micro_batch=2"] if shape == "accumulate" else [])
+    micro = {"accumulate": 2, "two_accumulate": 1}.get(shape)
+    return args + (["--set", f"resources.{TRAIN_STAGE[kind]}.micro_batch={micro}"] if micro else [])
 
 
 def _patched(ws: Path, env: dict, patch: str) -> dict:
@@ -256,6 +257,7 @@ def layouts(tmp_path_factory) -> tuple[Path, dict, dict]:
             (ws / teacher).parent.mkdir(parents=True)
             (ws / "runs/teacher.one" / teacher).rename(ws / teacher)
     out |= _train(ws, _patched(ws, env, OWN_NOISE), {"ct.own_noise": _command("ct", "two")})
+    out |= _train(ws, env, {"ct.two_accumulate": _command("ct", "two_accumulate")})
     return ws, env, out
 
 
@@ -271,6 +273,10 @@ def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layou
               f"accumulation 2 {largest_difference(one, accumulated):.2e}")
         assert largest_difference(one, two) < TOLERANCE, kind
         assert largest_difference(one, accumulated) < TOLERANCE, kind
+    both = trained["ct.two_accumulate"]  # DDP and accumulation together: the gradient synchronised once per step
+    assert (both["world_size"], both["micro_batch"]) == (2, 1)
+    print(f"ct: 2 processes x accumulation 2 {largest_difference(trained['ct.one'], both):.2e}")
+    assert largest_difference(trained["ct.one"], both) < TOLERANCE
     # The test can fail: when each rank draws its own noise, the weights move apart far beyond the tolerance.
     own = largest_difference(trained["ct.one"], trained["ct.own_noise"])
     print(f"ct, each rank its own noise: {own:.2e}")
@@ -281,7 +287,7 @@ def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layou
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["consistency-models"]).set_index("run_id")
     runs = runs[runs["tags.role"] != "experiment"]  # the experiment's parent run holds the stage runs
-    assert len(runs) == 1 + 3 * len(KINDS) + 1  # prepare_data's and one per training run, none from rank 1
+    assert len(runs) == 1 + 3 * len(KINDS) + 2  # prepare_data's and one per training run, none from rank 1
     two = trained["ct.two"]["mlflow_run_id"]
     assert runs.loc[two, ["params.world_size", "params.micro_batch", "params.accumulation"]].tolist() == ["2", "2", "1"]
     assert runs.loc[trained["ct.accumulate"]["mlflow_run_id"], "params.accumulation"] == "2"
