@@ -94,12 +94,18 @@ class SharedDropout:
     like the online network's. 'shared': remember() before the target's forward and replay() before the online
     one, so both draw the same masks in a step (both official codes: JAX passes one dropout key to both; the
     PyTorch code restores torch.get_rng_state(), which replays the masks on the CPU only). 'none' and
-    'independent' leave the generator alone."""
+    'independent' leave the generator alone. Under torch.compile, 'shared' switches Inductor to eager random ops
+    (fallback_random): its own random kernels seed themselves per graph on CUDA, and replaying the generator's
+    state would not replay their masks."""
 
     def __init__(self, mode: str, device: torch.device | str):
         if mode not in ("none", "shared", "independent"):
             raise ValueError(f"target_dropout must be none, shared or independent, got {mode!r}")
         self.shared, self.device, self.state = mode == "shared", torch.device(device), None
+        if self.shared:
+            from torch._inductor import config as inductor
+
+            inductor.fallback_random = True
 
     def remember(self) -> None:
         if self.shared:

@@ -284,3 +284,20 @@ def test_table3_reads_the_consistency_models_of_each_experiment():
     assert stage.outs == ["results/tables/table3.csv", "results/tables/table3.md"]
     read = [d.split("/")[-1].split("-")[0] for d in stage.deps if d.startswith("results/metrics/")]
     assert read == ["cd", "ct", "ict", "ect"]  # not the teachers
+
+
+def test_shared_masks_switch_inductor_to_eager_random_ops_and_replay_under_compile():
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = False
+    SharedDropout("independent", "cpu")
+    assert inductor.fallback_random is False
+    SharedDropout("shared", "cpu")
+    assert inductor.fallback_random is True  # the compiled graphs draw through the generator that replay() restores
+    model = MaskOnly().train()
+    model.compile()
+    dropout, x = SharedDropout("shared", "cpu"), torch.zeros(4, 64)
+    dropout.remember()
+    first = model(x, None)
+    dropout.replay()
+    assert torch.equal(first, model(x, None))
