@@ -127,7 +127,7 @@ onstart:
             names = {stage.name for stage, owner, _ in jobs if owner == name}
             if partition is not None and names and (problem := misfit(cfg, partition, names)):
                 raise WorkflowError(problem)
-    serve = CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI")  # a user's server wins
+    serve = CFG.run.tracking == "mlflow" and CFG.run.tracking_server and not os.environ.get("MLFLOW_TRACKING_URI")
     tracking.parent_run(CFG)  # the store, the experiment and its parent run, once, before parallel jobs race to
     if serve:
         # Jobs inherit the environment: they log through the server, which alone writes the SQLite file.

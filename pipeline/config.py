@@ -74,6 +74,7 @@ class Run:
     channels_last: bool  # NHWC memory layout of the training networks and batches
     data_placement: Literal["auto", "device", "stream"]  # training split on the GPU, or streamed by a thread
     models: list[str] = field(default_factory=lambda: ["teacher", "cd", "ct"])  # what the DAG samples and scores
+    tracking: Literal["mlflow", "none"] = "mlflow"  # none: no MLflow runs (nor import): a node without MLflow
 
     def problems(self) -> list[tuple[str, str]]:
         out = [("threads", "must be >= 0")] if self.threads < 0 else []

@@ -174,11 +174,22 @@ def _experiment_tags(cfg: Config) -> dict[str, str]:
     return {"experiment": cfg.name, "dataset": cfg.data.dataset, "preset": cfg.preset, "git_commit": git_commit()}
 
 
-def parent_run(cfg: Config) -> str:
+def parent_run(cfg: Config) -> str | None:
     """The id of the run every stage run of the experiment cfg.name nests under, made (FINISHED: it holds runs, it
     does not run) with the experiment's config as params on first use. On a SQLite store a file lock makes parallel
-    first uses create one; through a server, a process that created a duplicate keeps the oldest and deletes its own."""
-    return _parent_run(cfg, setup(cfg))
+    first uses create one; through a server, a process that created a duplicate keeps the oldest and deletes its own.
+    None with run.tracking: none."""
+    return None if cfg.run.tracking == "none" else _parent_run(cfg, setup(cfg))
+
+
+class _Untracked:
+    """What stage_run yields with run.tracking: none: a run without an id (MLflow is not imported)."""
+
+    class info:  # noqa: N801 (mlflow's Run.info)
+        run_id = None
+
+
+_tracking = [True]  # False inside a stage_run of run.tracking: none: the log_* calls do nothing
 
 
 def _parent_run(cfg: Config, experiment_id: str) -> str:
@@ -205,7 +216,15 @@ def stage_run(stage: str, cfg: Config, run_id: str | None = None, tags: dict | N
               extra_params: dict | None = None, config: dict | None = None) -> Iterator[Any]:
     """Start (or, with run_id, resume) the MLflow run of one stage, a child of the experiment's parent_run; a new run
     logs every param of `config` (the resolved config as the stage ran it; None: cfg.raw) and extra_params (e.g.
-    how the job was laid out)."""
+    how the job was laid out). With run.tracking: none nothing is logged and MLflow is never imported (a GPU node
+    without it, a user without a tracking store)."""
+    if cfg.run.tracking == "none":
+        _tracking[0] = False
+        try:
+            yield _Untracked()
+        finally:
+            _tracking[0] = True
+        return
     import mlflow
 
     experiment_id = setup(cfg)
@@ -289,6 +308,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Log to the active run. If the store does not answer (after the retries), the values go to
     mlflow-buffer/<run id>.jsonl and are sent with the next call that gets through, or when the run ends: logging
     never stops a training job."""
+    if not _tracking[0]:
+        return
     import mlflow
 
     if step is not None:
@@ -322,6 +343,8 @@ def grid(images: np.ndarray, count: int = 64) -> np.ndarray:
 def log_image(image: np.ndarray, key: str, step: int | None = None) -> None:
     """Log an image (uint8 HWC) to the active run under `key` at `step`, which the UI shows per step. A store that
     does not answer costs the image, with a warning, never the training job; a resumed run skips steps it holds."""
+    if not _tracking[0]:
+        return
     import mlflow
 
     if step is not None and step <= _logged_through.get(f"image:{key}", -1):
@@ -333,6 +356,8 @@ def log_image(image: np.ndarray, key: str, step: int | None = None) -> None:
 
 
 def log_artifact(path: str | os.PathLike) -> None:
+    if not _tracking[0]:
+        return
     import mlflow
 
     if Path(path).exists():

@@ -180,3 +180,42 @@ def test_an_image_the_store_refuses_does_not_stop_the_job(store, monkeypatch, ca
         tracking.log_metrics({"after": 1.0}, step=1)
     assert "could not log image samples_1step at step 1" in capsys.readouterr().err
     assert store.get_run(run.info.run_id).data.metrics == {"after": 1.0}
+
+
+NO_MLFLOW = """
+import runpy, sys
+sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, as on a machine without it
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_with_tracking_none_a_stage_runs_where_mlflow_cannot_be_imported(tmp_path):
+    """run.tracking: none: data preparation and a training stage run without MLflow (a GPU node without it); the
+    checkpoint holds no run id and no store is made. With tracking on, the same command fails there."""
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import workspace
+
+    ws, env = workspace(tmp_path)
+    (ws / "no_mlflow.py").write_text(NO_MLFLOW)
+    env.pop("MLFLOW_TRACKING_URI")
+    sets = ["--set", "run.tracking=none", "--set", "teacher.iterations=2"]
+
+    def stage(module: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "no_mlflow.py", module, *args], cwd=ws, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    assert stage("pipeline.prepare_data", *sets).returncode == 0
+    trained = stage("pipeline.train_teacher", *sets)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    cfg = config.load(ws / "params.yaml", overrides=["run.tracking=none", "teacher.iterations=2"])
+    from pipeline.stages import checkpoint
+
+    ckpt = torch.load(ws / checkpoint(cfg, "teacher"), map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["mlflow_run_id"] is None
+    assert not (ws / "mlflow.db").exists()
+    tracked = stage("pipeline.prepare_data")  # tracking on: MLflow is needed
+    assert tracked.returncode != 0 and "mlflow" in tracked.stderr.lower()
