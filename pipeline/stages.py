@@ -269,7 +269,7 @@ def training_io(cfg: Config, kind: str, stage: str | None = None, output: str | 
     own = output is None  # the model's own training stage (ablation runs name their checkpoint and draw no loss)
     return {"stage": name, "output": output or checkpoint(cfg, kind), "data": data_dir(cfg),
             "fingerprint": definition.param_values(cfg), "loss_plot": loss_figure(cfg, kind) if own else None,
-            "micro_batch": cfg.resources[definition.resources].micro_batch}
+            "micro_batch": cfg.resources[definition.resources].micro_batch, "resources": definition.resources}
 
 
 def slurm_resources(cfg: Config, stage: Stage) -> dict:

@@ -127,9 +127,11 @@ class Training:
 
     def __init__(self, kind: str, cfg: Config, section, model: nn.Module, ctx: Context, *, stage: str, output: str,
                  data: str, fingerprint: str, loss_plot: str | None = None, micro_batch: int | None = None,
+                 resources: str = "",
                  optimizer: str = "adam", extra: dict[str, nn.Module] | None = None, tags: dict | None = None):
         self.kind, self.cfg, self.section, self.ctx, self.device = kind, cfg, section, ctx, ctx.device
         self.stage, self.output, self.fingerprint = stage, Path(output), fingerprint
+        self.resources = resources or stage  # the resources: entry that sets micro_batch (named in an OOM's hint)
         self.loss_plot = Path(loss_plot) if loss_plot else None
         self.resume_path = self.output.with_suffix(".resume.pt")
         if ctx.main and (folder := unwritable([output])) is not None:  # before hours of training, not after
@@ -281,6 +283,18 @@ class Training:
         self.scaler.update()  # ... and then, only then, lowers the scale
         return loss_sum, logs, scale is None or self.scaler.get_scale() >= scale
 
+    def _out_of_memory(self) -> SystemExit:
+        """What to change when a step does not fit the GPU: a smaller micro-batch keeps the global batch and the
+        result (gradient accumulation); a training split on the GPU can move to host memory."""
+        smaller = max(self.micro_batch // 2, 1)
+        hint = (f"error: {self.stage}: out of GPU memory at step {self.step} with {self.micro_batch} images per "
+                f"process at once (global batch {self.section.batch} over {self.ctx.world_size} process(es), "
+                f"accumulation {self.accumulation}); set resources.{self.resources}.micro_batch: {smaller} (the global "
+                f"batch and the result stay the same)")
+        if self.placement == "device":
+            hint += "; or run.data_placement: stream, which keeps the training images off the GPU"
+        return SystemExit(hint)
+
     def train_step(self, loss_fn: LossFn, ema_rate: Callable[[int], float],
                    after_step: Callable[[int], dict] | None = None,
                    lr_at: Callable[[int], float] | None = None) -> tuple[torch.Tensor, dict]:
@@ -291,7 +305,10 @@ class Training:
         if lr_at is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step)
-        loss_sum, logs, stepped = self._step(loss_fn)
+        try:
+            loss_sum, logs, stepped = self._step(loss_fn)
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory() from None
         if not stepped:
             self.skipped, self.skipped_in_a_row = self.skipped + 1, self.skipped_in_a_row + 1
             if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:

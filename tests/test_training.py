@@ -89,3 +89,27 @@ def test_a_resume_checkpoint_from_other_params_is_not_used(tmp_path):
               ws, env)
     assert "params changed since it was written; starting afresh" in out.stderr
     assert torch.load(_teacher(ws, named), weights_only=False)["step"] == ITERATIONS
+
+
+OUT_OF_MEMORY = """
+import torch
+import pipeline.training as training
+def step(self, loss_fn):  # the first micro-batch does not fit the GPU
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+training.Training._step = step
+"""
+
+
+def test_a_step_out_of_gpu_memory_names_the_micro_batch_to_set(tmp_path):
+    """An OOM in a step stops the stage with one line: the micro-batch it had and the resources key to halve it."""
+    ws, env = workspace(tmp_path)
+    run([sys.executable, "-m", "pipeline.prepare_data"], ws, env)
+    (ws / "patch").mkdir()
+    (ws / "patch" / "sitecustomize.py").write_text(OUT_OF_MEMORY)
+    env = {**env, "PYTHONPATH": f"{ws / 'patch'}:{env['PYTHONPATH']}"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.train_teacher"], cwd=ws, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("error: train_teacher: out of GPU memory at step 0 with 4 images per process at once (global batch 4 "
+            "over 1 process(es), accumulation 1); set resources.train_teacher.micro_batch: 2") in result.stderr
+    assert "Traceback" not in result.stderr
