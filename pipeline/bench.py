@@ -13,7 +13,10 @@ as the sample stage does (fp32), so its variants are eager, tf32 and compile.
 
 TFLOP/s: the matmul and convolution FLOPs of one call (torch's FlopCounterMode, on the eager variant) over its
 time, against a large matmul of the variant's dtype measured in the same run. Without LPIPS weights the LPIPS
-rows use random VGG weights (the same cost). Writes <out>/<device>.md.
+rows use random VGG weights (the same cost). Writes <out>/<device>.md, rewritten after every row, so that a job
+killed mid-way keeps the rows it finished. Each row is guarded: an out-of-memory or any other error is that row's
+note, and the next row runs. Every compiled row starts from a fresh dynamo state (torch._dynamo.reset: the
+recompile budget is per process) and says when dynamo nevertheless ran frames eager or broke the graph.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,7 +44,6 @@ from pipeline import cm, distill_cd, distributed, train_ct, train_teacher
 from pipeline.config import TRAIN_STAGE, Config, ConfigError, add_arguments, load, missing_lpips_weights
 from pipeline.data import save_split, write_text
 from pipeline.lpips import LPIPS
-from pipeline.metrics import InceptionFeatures
 from pipeline.models import atomic_save, build_model, compile_module, load_model
 from pipeline.sample import generate
 from pipeline.stages import checkpoint, training_io
@@ -133,6 +135,84 @@ class Row:
     note: str = ""
 
 
+def joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows that fail, and compiled rows that silently ran eager.
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OOM, or an error that wraps one (an Inductor autotuning or compile failure) in a RuntimeError."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def failure(error: BaseException) -> str:
+    if is_out_of_memory(error):
+        return "OOM"
+    message = str(error).strip().splitlines()
+    return f"failed: {type(error).__name__}" + (f": {message[0][:120]}".replace("|", "/") if message else "")
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what a finished or failed row held (a failed call's tensors are only garbage once its traceback
+    is), so that the next row starts from an empty device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def dynamo_fallbacks() -> str:
+    """What dynamo's counters, since the last reset, say ran outside compiled graphs: nothing compiled at all, frames
+    past the recompile limit (run eager), graph breaks. Empty when the row ran as compiled graphs."""
+    counters = torch._dynamo.utils.counters
+    limit = sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())
+    breaks = sum(counters["graph_break"].values())
+    return joined("ran eager: dynamo compiled no graph" if not counters["stats"]["unique_graphs"] else "",
+                  f"hit dynamo's recompile limit {limit}x: those frames ran eager" if limit else "",
+                  f"{breaks} graph breaks" if breaks else "")
+
+
+def guarded(workload: str, variant: str, device: torch.device, run_row: Callable[[], Row], note: str = "") -> Row:
+    """`run_row()`, or a row whose note says why it failed: one OOM or error must not cost the rest of a GPU session.
+    A compiled variant starts from a fresh dynamo state, else earlier rows may have spent its recompile budget and
+    it would time eager code."""
+    compiled = "compile" in variant.split("+")
+    if compiled:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    try:
+        row = run_row()
+        if compiled:
+            row.note = joined(row.note, dynamo_fallbacks())
+    except Exception as error:  # KeyboardInterrupt and SystemExit still end the run; the report keeps what finished
+        row = Row(workload, variant, note=joined(failure(error), note))
+        print(f"{workload:24s} {variant:28s} {row.note}", file=sys.stderr, flush=True)
+    free_memory(device)
+    return row
+
+
+@dataclass
+class Results:
+    """The rows so far, rewritten to `path` after each (atomically): a job killed mid-way keeps every finished row."""
+    path: Path
+    header: dict[str, str]
+    peaks: dict[str, float] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.write(finished=False)
+
+    def write(self, finished: bool) -> str:
+        header = self.header if finished else self.header | {"incomplete": "the run had not finished (or was killed) "
+                                                                           "when this was written"}
+        text = report(self.rows, self.peaks, header)
+        write_text(self.path, text)
+        return text
+
+
 # ------------------------------------------------------------------------------------------------
 # A temporary workspace the stages' own code can train in.
 
@@ -198,38 +278,63 @@ def sampling_call(cfg: Config, workload: str, batch: int, device: torch.device) 
     return lambda: cm.heun_sample(lambda x, s: teacher(x, s, labels), x_T * d.sigma_max, sigmas)
 
 
-def measure(rows: list[Row], workload: str, variants: list[str], build: Callable[[str], Callable[[], object]],
-            batch: int, device: torch.device, warmup: int, calls: int, note: str = "") -> None:
-    """Time `build(variant)()` for each variant; FLOPs are counted once, on the eager variant."""
-    flops = None
+def measure(add: Callable[[Row], None], workload: str, variants: list[str],
+            build: Callable[[str], Callable[[], object]], batch: int, device: torch.device, warmup: int, calls: int,
+            note: str = "") -> None:
+    """Time `build(variant)()` for each variant, each a guarded row handed to `add` as soon as it is measured. FLOPs
+    are counted once, on the first uncompiled variant that runs (eager, unless that failed)."""
+    flops: list[int] = []
     for variant in variants:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        call = build(variant)
-        if flops is None:
-            call()  # lazy state (optimiser moments) first, so that the count is one steady-state call
-            flops = counted_flops(call)
-        seconds = seconds_per_call(call, device, warmup, calls)
-        rows.append(Row(workload, variant, batch / seconds, flops / seconds / 1e12,
-                        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None, note))
-        print(f"{workload:24s} {variant:28s} {batch / seconds:10.1f} img/s", file=sys.stderr, flush=True)
-        del call
-        gc.collect()
+        add(guarded(workload, variant, device, functools.partial(
+            timed_row, workload, variant, build, batch, device, warmup, calls, flops, note), note))
 
 
-def fid_path(cfg: Config, device: torch.device, samples: int) -> tuple[Row, Row]:
-    """Inception features alone, and `samples` one-step samples plus their features, end to end."""
-    e, d = cfg.evaluate, cfg.diffusion
+def timed_row(workload: str, variant: str, build: Callable[[str], Callable[[], object]], batch: int,
+              device: torch.device, warmup: int, calls: int, flops: list[int], note: str) -> Row:
+    """One row of `measure`; `flops` holds the count once a variant has made it."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    call = build(variant)
+    if not flops and "compile" not in variant.split("+"):  # the counter's dispatch mode would trace compiled code
+        call()  # lazy state (optimiser moments) first, so that the count is one steady-state call
+        flops.append(counted_flops(call))
+    seconds = seconds_per_call(call, device, warmup, calls)
+    print(f"{workload:24s} {variant:28s} {batch / seconds:10.1f} img/s", file=sys.stderr, flush=True)
+    return Row(workload, variant, batch / seconds, flops[0] / seconds / 1e12 if flops else None,
+               torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None, note)
+
+
+def fid_path(add: Callable[[Row], None], cfg: Config, device: torch.device, samples: int) -> None:
+    """Inception features alone, and `samples` one-step samples plus their features, end to end: two guarded rows."""
+    e = cfg.evaluate
+    variant = "+".join(["compile"] * cfg.run.compile + ["tf32"] * (cfg.run.tf32 and device.type == "cuda")) or "eager"
     try:
+        from pipeline.metrics import InceptionFeatures  # imports clean-fid: only this row needs it
+
         inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
+    except ImportError as error:
+        why = f"no clean-fid: {failure(error)}"
     except (FileNotFoundError, OSError, RuntimeError, ValueError) as error:
-        why = f"no Inception weights: {str(error).splitlines()[0][:80]}"
-        return Row("Inception features", "eager", note=why), Row(f"{samples} samples + features", "-", note=why)
-    resolution = cfg.data.spec.resolution
+        why = "OOM" if is_out_of_memory(error) else f"no Inception weights: {str(error).splitlines()[0][:80]}"
+    else:
+        add(guarded("Inception features", "eager", device, lambda: inception_row(inception, cfg, device)))
+        add(guarded(f"{samples} samples + features", variant, device,
+                    lambda: end_to_end_row(inception, cfg, device, samples, variant)))
+        return
+    add(Row("Inception features", "eager", note=why))
+    add(Row(f"{samples} samples + features", "-", note=why))
+
+
+def inception_row(inception: Callable, cfg: Config, device: torch.device) -> Row:
+    e, resolution = cfg.evaluate, cfg.data.spec.resolution
     images = np.random.default_rng(0).integers(0, 256, (e.batch * 2, resolution, resolution, 3), dtype=np.uint8)
     seconds = seconds_per_call(lambda: inception(images, progress=False), device, warmup=1, calls=1)
-    features = Row("Inception features", "eager", len(images) / seconds, note=f"{e.mode} resize")
+    return Row("Inception features", "eager", len(images) / seconds, note=f"{e.mode} resize")
+
+
+def end_to_end_row(inception: Callable, cfg: Config, device: torch.device, samples: int, variant: str) -> Row:
+    d = cfg.diffusion
     model = random_consistency_model(cfg, device)
     generate(model, "cd", [d.sigma_max], min(samples, cfg.sample.batch), cfg.sample.batch, 0, device,
              d.sigma_min, progress=False)  # compile outside the clock
@@ -237,9 +342,8 @@ def fid_path(cfg: Config, device: torch.device, samples: int) -> tuple[Row, Row]
     x, _ = generate(model, "cd", [d.sigma_max], samples, cfg.sample.batch, 0, device, d.sigma_min, progress=False)
     inception(x, progress=False)
     seconds = time.perf_counter() - start
-    variant = "+".join(["compile"] * cfg.run.compile + ["tf32"] * (cfg.run.tf32 and device.type == "cuda")) or "eager"
-    return features, Row(f"{samples} samples + features", variant, samples / seconds,
-                         note=f"{seconds:.2f} s in all, sample.batch {cfg.sample.batch}")
+    return Row(f"{samples} samples + features", variant, samples / seconds,
+               note=f"{seconds:.2f} s in all, sample.batch {cfg.sample.batch}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +378,27 @@ def report(rows: list[Row], peaks: dict[str, float], header: dict[str, str]) -> 
     return "\n".join(lines) + "\n"
 
 
+def bench_header(base: Config, device: torch.device, name: str, batch: int, calls: int, warmup: int,
+                 variants: list[str]) -> dict[str, str]:
+    net = build_model("teacher", base.raw["network"], base.raw["diffusion"], 0.0, base.data.spec.resolution,
+                      base.data.label_dim)
+    header = {
+        "device": name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__, "preset": base.preset,
+        "network": f"{base.network.arch}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
+                   f"{base.data.spec.resolution}x{base.data.spec.resolution}",
+        "batch": f"{batch} images per training or sampling call; {calls} timed calls after {warmup} warm-up",
+        "command": "python -m pipeline.bench " + " ".join(sys.argv[1:]),
+    }
+    if not has_bf16(device):
+        header["bf16"] = "emulated on this CPU (no AVX512-BF16 or AMX): its matmul peak is no roofline"
+    if any("compile" in v.split("+") for v in variants):
+        header["compile"] = ("dynamo reset (torch._dynamo.reset) before each compiled row; its note says when dynamo "
+                             "still ran frames eager (recompile limit) or broke the graph")
+    header["failures"] = "a row that ran out of memory says OOM, one that raised says failed: <error>"
+    return header
+
+
 def run(args: argparse.Namespace) -> Path:
     config = Path(args.config).resolve()
     try:
@@ -293,7 +418,9 @@ def run(args: argparse.Namespace) -> Path:
             sys.exit(f"error: --variants: {e}")
     chosen = re.compile(args.workloads if args.workloads else ".")
     samples = args.fid_samples or (50_000 if cuda else 256)
-    rows: list[Row] = []
+    label = device_name(device)
+    out = Path(args.out).resolve() / f"{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}.md"  # before chdir
+    results = Results(out, bench_header(base, device, label, batch, calls, warmup, variants))
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.chdir(tmp):
         weights, lpips_note = lpips_sets(base)
         write_synthetic_workspace(base, images=max(2 * batch, 64))
@@ -306,45 +433,30 @@ def run(args: argparse.Namespace) -> Path:
                 shutil.copyfile(checkpoint(base, "teacher"), teacher)
             return cfg
 
-        peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+        results.peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
         if cuda:
-            peaks["tf32"] = matmul_peak(device, torch.float32, tf32=True)
+            results.peaks["tf32"] = matmul_peak(device, torch.float32, tf32=True)
+        results.write(finished=False)
         for name, (kind, sets) in TRAINING.items():
             workload = name if kind != "ct" else f"{name} ({base.ct.metric})"
             if not chosen.search(workload):
                 continue
             sets = [*sets, f"{kind}.batch={batch}", f"resources.{TRAIN_STAGE[kind]}.micro_batch=null"]
             uses_lpips = "cd.metric=lpips" in sets or (kind == "ct" and base.ct.metric == "lpips")
-            measure(rows, workload, variants, lambda v, k=kind, s=sets: training_step(config_for(v, *s), k),
+            measure(results.add, workload, variants, lambda v, k=kind, s=sets: training_step(config_for(v, *s), k),
                     batch, device, warmup, calls, lpips_note if uses_lpips else "")
         sampling_variants = [v for v in variants if not {"bf16", "channels_last"} & set(v.split("+"))]
         for workload in SAMPLING:
             if chosen.search(workload):
-                measure(rows, workload, sampling_variants,
+                measure(results.add, workload, sampling_variants,
                         lambda v, w=workload: sampling_call(config_for(v), w, batch, device),
                         batch, device, warmup, calls)
         if chosen.search("Inception features"):  # as the sample and evaluate stages run: compiled if asked for
             compiled = any("compile" in v.split("+") for v in variants)
             cfg = config_for("+".join(["compile"] * compiled + ["tf32"] * cuda) or "eager")
             setup_torch(cfg)
-            rows.extend(fid_path(cfg, device, samples))
-    name = device_name(device)
-    net = build_model("teacher", base.raw["network"], base.raw["diffusion"], 0.0, base.data.spec.resolution,
-                      base.data.label_dim)
-    header = {
-        "device": name, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "torch": torch.__version__, "preset": base.preset,
-        "network": f"{base.network.arch}, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
-                   f"{base.data.spec.resolution}x{base.data.spec.resolution}",
-        "batch": f"{batch} images per training or sampling call; {calls} timed calls after {warmup} warm-up",
-        "command": "python -m pipeline.bench " + " ".join(sys.argv[1:]),
-    }
-    if not has_bf16(device):
-        header["bf16"] = "emulated on this CPU (no AVX512-BF16 or AMX): its matmul peak is no roofline"
-    text = report(rows, peaks, header)
-    print(text)
-    out = Path(args.out) / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.md"
-    write_text(out, text)
+            fid_path(results.add, cfg, device, samples)
+    print(results.write(finished=True))
     print(f"wrote {out}", file=sys.stderr)
     return out
 

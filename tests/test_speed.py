@@ -3,7 +3,9 @@ a training step, bf16 and torch.compile against eager fp32, and the benchmark's 
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -236,8 +238,6 @@ def test_bench_runs_end_to_end(tmp_path):
     have their own tests above; on a CPU without bf16 hardware the LPIPS step alone takes minutes in bf16.)"""
     args = ["--config", str(ROOT / "params.yaml"), "--preset", "micro", "--batch", "4", "--steps", "1",
             "--warmup", "1", "--variants", "eager,channels_last", "--fid-samples", "8", "--out", str(tmp_path)]
-    import subprocess
-
     result = subprocess.run([sys.executable, "-m", "pipeline.bench", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -248,3 +248,125 @@ def test_bench_runs_end_to_end(tmp_path):
         assert f"| {workload} |" in text, workload
     assert "| CT step (l2) | channels_last |" in text
     assert "| 8 samples + features | eager |" in text  # no variant asked for compile
+
+
+# --------------------------------------------------------------------------------------------------
+# A short GPU session (issue 20): a failing row costs that row only, the report survives a killed job, and every
+# compiled row compiles.
+
+def fake_bench(monkeypatch, tmp_path, step, variants: str = "eager,channels_last") -> Path:
+    """bench.run on the micro preset with `step(cfg, kind)` as the training-step builder, the teacher and CT steps
+    only, and no matmul peak or LPIPS weights: the benchmark's own bookkeeping, in a second."""
+    monkeypatch.setattr(bench, "training_step", step)
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(bench, "lpips_sets", lambda cfg: ([], ""))
+    args = argparse.Namespace(config=str(ROOT / "params.yaml"), preset="micro", set=[], batch=4, steps=1, warmup=1,
+                              variants=variants, workloads="teacher step|CT step", fid_samples=8,
+                              out=str(tmp_path / "out"))
+    return bench.run(args)
+
+
+def _matmul():
+    a = torch.ones(8, 8)
+    return lambda: a @ a
+
+
+def test_a_row_that_runs_out_of_memory_or_fails_costs_that_row_only(tmp_path, monkeypatch):
+    def step(cfg, kind):
+        if kind == "teacher" and not cfg.run.channels_last:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if kind == "ct" and not cfg.run.channels_last:
+            raise ValueError("bad shape\nsecond line")
+        if kind == "ct":
+            def oom():  # as Inductor or cuDNN re-raise it, in the timed calls
+                raise RuntimeError("CUDA error: out of memory")
+            return oom
+        return _matmul()
+
+    text = fake_bench(monkeypatch, tmp_path, step).read_text()
+    assert "| teacher step | eager | – | – | – | – | – | OOM |" in text
+    assert "| CT step (l2) | eager | – | – | – | – | – | failed: ValueError: bad shape |" in text
+    assert "| CT step (l2) | channels_last | – | – | – | – | – | OOM |" in text
+    (measured,) = [line for line in text.splitlines() if line.startswith("| teacher step | channels_last |")]
+    assert "| – |" not in measured.split("|", 4)[3]  # img/s measured after the OOM, FLOPs counted on this variant
+    assert "incomplete" not in text
+
+
+def test_after_an_oom_the_cuda_cache_is_emptied(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    row = bench.guarded("CT step", "eager", torch.device("cuda"), oom)
+    assert row.note == "OOM" and row.images_per_s is None and emptied
+
+
+def test_the_report_keeps_the_finished_rows_of_a_killed_run(tmp_path, monkeypatch):
+    seen = []
+
+    def step(cfg, kind):
+        if kind == "ct":  # the teacher rows are done: the report on disk already holds them
+            seen.append(next((tmp_path / "out").glob("*.md")).read_text())
+            raise KeyboardInterrupt
+        return _matmul()
+
+    with pytest.raises(KeyboardInterrupt):
+        fake_bench(monkeypatch, tmp_path, step)
+    (report,) = (tmp_path / "out").glob("*.md")
+    assert report.read_text() == seen[0]
+    for variant in ("eager", "channels_last"):
+        assert f"| teacher step | {variant} |" in seen[0]
+    assert "CT step" not in seen[0] and "- incomplete:" in seen[0]
+    assert [p.name for p in report.parent.iterdir()] == [report.name]  # no temporary file left beside it
+
+
+def _traced(x):
+    return x.sin() + 1
+
+
+def test_every_compiled_row_compiles(tmp_path, monkeypatch):
+    """With a recompile budget of one, the second compiled row (another dtype: a recompile) would run eager unless
+    dynamo is reset before it."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda reset=torch._dynamo.reset: resets.append(reset()))
+
+    def step(cfg, kind):
+        x = torch.ones(4, dtype=torch.float64 if cfg.run.mixed_precision == "bf16" else torch.float32)
+        fn = torch.compile(_traced, backend="eager") if cfg.run.compile else _traced
+        return lambda: fn(x)
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        text = fake_bench(monkeypatch, tmp_path, step, variants="eager,compile,bf16+compile").read_text()
+    assert len(resets) == 4  # two compiled rows of two workloads
+    rows = [line for line in text.splitlines() if "compile |" in line]
+    assert len(rows) == 4 and not any("eager" in row.split("|")[-2] for row in rows), rows
+
+
+def test_a_compiled_row_says_when_dynamo_ran_eager():
+    x = torch.ones(4)
+    compiled = torch.compile(_traced, backend="eager")
+    row = bench.guarded("w", "compile", torch.device("cpu"), lambda: bench.Row("w", "compile", 1.0, note="n"))
+    assert row.note == "n; ran eager: dynamo compiled no graph"
+
+    def twice() -> bench.Row:
+        compiled(x), compiled(x.double())  # the second dtype is past the budget: eager
+        return bench.Row("w", "compile", 1.0)
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert "recompile limit" in bench.guarded("w", "compile", torch.device("cpu"), twice).note
+
+
+def test_bench_imports_without_clean_fid():
+    """clean-fid is only imported by the FID rows, which then say it is missing."""
+    code = ("import sys; sys.modules['cleanfid'] = None\n"
+            "import torch\n"
+            "from pipeline import bench, config\n"
+            "assert 'pipeline.metrics' not in sys.modules\n"
+            "rows = []\n"
+            "bench.fid_path(rows.append, config.load('params.yaml', 'micro', []), torch.device('cpu'), 8)\n"
+            "print([row.note for row in rows])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("no clean-fid") == 2
