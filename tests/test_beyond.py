@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_official_code import MaskOnly  # f(x, t) = dropout(1): its output is its mask
 from torch import nn
 
 from pipeline import cm
@@ -121,17 +122,6 @@ def test_the_online_target_takes_no_gradient():
     both = (2 * (w * x_t - w * x_t2) * (x_t - x_t2)).mean()  # what a target that passed its gradient would give
     assert model.w.grad.item() == pytest.approx(stop_grad.item(), rel=1e-12)
     assert abs(stop_grad - both) > 0.1
-
-
-class MaskOnly(nn.Module):
-    """f(x, t) = dropout(1): its output is its dropout mask, whatever x and t."""
-
-    def __init__(self):
-        super().__init__()
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.dropout(torch.ones_like(x))
 
 
 @pytest.mark.parametrize("mode", ["shared", "independent"])

@@ -293,21 +293,24 @@ def test_one_process_two_processes_and_accumulation_reach_the_same_weights(layou
     assert runs.loc[trained["ct.accumulate"]["mlflow_run_id"], "params.accumulation"] == "2"
 
 
-@pytest.mark.slow
-def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupted_run(layouts):
-    ws, env, trained = layouts
-    process = subprocess.Popen(_command("ct", "two"), cwd=ws, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    final = ws / _checkpoint(ws, "ct")
-    resume = final.with_suffix(".resume.pt")
+def _killed_at_a_checkpoint(args: list[str], folder: Path, env: dict, resume: Path) -> dict:
+    """Start a 2-process run, SIGKILL torchrun and both workers (each in a session of its own) without warning once
+    the first resume checkpoint exists; that checkpoint."""
+    process = subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not resume.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    # torchrun and both workers (each in a session of its own), without warning
     for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
         victim.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    state = torch.load(resume, map_location="cpu", weights_only=False)
+    return torch.load(resume, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_a_run_killed_on_two_processes_resumes_on_one_and_ends_as_an_uninterrupted_run(layouts):
+    ws, env, trained = layouts
+    final = ws / _checkpoint(ws, "ct")
+    state = _killed_at_a_checkpoint(_command("ct", "two"), ws, env, final.with_suffix(".resume.pt"))
     assert state["world_size"] == 2 and 5 <= state["step"] < STEPS, state["step"]
     out = run(_command("ct", "one"), ws, env)
     assert f"resuming ct from step {state['step']}" in out.stderr and "written by 2 processes, now 1" in out.stderr
@@ -328,16 +331,8 @@ def test_a_two_process_run_with_dropout_killed_and_resumed_on_two_ends_as_the_un
     run(_command("ict", "two") + dropout, uninterrupted, env)
     whole = torch.load(uninterrupted / final, map_location="cpu", weights_only=False)
     folder = _folder(ws, "ict.dropout.killed")
-    process = subprocess.Popen(_command("ict", "two") + dropout, cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    resume = (folder / final).with_suffix(".resume.pt")
-    deadline = time.monotonic() + 300
-    while not resume.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for victim in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
-        victim.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    state = torch.load(resume, map_location="cpu", weights_only=False)
+    state = _killed_at_a_checkpoint(_command("ict", "two") + dropout, folder, env,
+                                    (folder / final).with_suffix(".resume.pt"))
     assert state["world_size"] == 2 and 5 <= state["step"] < STEPS and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])  # each rank its own masks
     run(_command("ict", "two") + dropout, folder, env)
