@@ -232,10 +232,15 @@ def teacher_needed(cfg: Config) -> bool:
     distils it, or an ablation run does."""
     own = models(cfg)
     starts = [m for m in ("ct", "ict", "ect") if m in own and getattr(cfg, m).init_from_teacher
-              and getattr(getattr(cfg, m), "source", "train") == "train"]
+              and _source(cfg, m) == "train"]
     runs = [cfg.ablation.runs[r]["model"] for r in ablation_runs(cfg)]
     return ("teacher" in own or ("cd" in own and cfg.cd.source == "train") or bool(starts) or "cd" in runs
             or ("ct" in runs and cfg.ct.init_from_teacher))
+
+
+def _source(cfg: Config, model: str) -> str:
+    """train, or openai: a published checkpoint imported (ECT has no published one, and no such knob)."""
+    return getattr(getattr(cfg, model), "source", "train")
 
 
 def ablation_runs(cfg: Config) -> list[str]:
@@ -413,11 +418,9 @@ def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
     if teacher_needed(cfg):
         _teacher(b)
     teacher = lambda at: [at.checkpoint("teacher")]  # noqa: E731
-    if "cd" not in own:
-        pass
-    elif cfg.cd.source == "openai":
+    if "cd" in own and cfg.cd.source == "openai":
         _openai(b, "cd")
-    else:
+    elif "cd" in own:
         b.add("distill_cd", launched("distill_cd", "pipeline.distill_cd"),
               lambda at: b.splits("train") + teacher(at) + ["pipeline/distill_cd.py", "pipeline/lpips.py"]
               + TRAIN_CODE, lambda at: [at.checkpoint("cd"), at.figure("cd", "loss_cd")],
@@ -425,7 +428,7 @@ def stages(cfg: Config, b: _Builder | None = None) -> list[Stage]:
     for model in ("ct", "ict", "ect"):
         if model not in own:
             continue
-        if getattr(getattr(cfg, model), "source", "train") == "openai":
+        if _source(cfg, model) == "openai":
             _openai(b, model)
             continue
         stage, from_teacher = TRAIN_STAGE[model], getattr(cfg, model).init_from_teacher

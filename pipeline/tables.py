@@ -8,9 +8,8 @@ Reads the experiment's metrics of each model and writes results/<experiment>/tab
 writes results/tables/compare.{csv,md}, one row per (experiment, model, sample set) of params.yaml's `compare:`
 list with the knobs on which they differ; --table3 NAME ... writes results/tables/table3.{csv,md} from the results
 of those experiments (params.yaml's `table3:`): CD, CT, iCT and ECT beside their published FIDs. Tables 1 and 2
-always have every row of the paper: a
-(dataset, model) that was not run here keeps the paper's values, with our cells empty and the preset to run named
-in `notes`. Every empty cell has its reason in is_note, pr_note or notes.
+always have every row of the paper: a (dataset, model) that was not run here keeps the paper's values, with our
+cells empty and the preset to run named in `notes`. Every empty cell has its reason in is_note, pr_note or notes.
 
 Rounding: FID and IS to 3 decimals, KID to 6, precision and recall to 4; sampling times to 4 significant digits.
 The paper's CD uses LPIPS; ours uses the metric in params.yaml, named in `training`.
