@@ -53,6 +53,8 @@ WARNING_SIGNALS = (signal.SIGURG, signal.SIGUSR1)  # SLURM's "time limit ahead" 
 _received: list[int] = []  # signals seen since setup_training(); the loop stops at the next step boundary
 _original: dict = {}  # the handlers before the first _catch_signals(), restored when training ends
 MAX_SKIPPED_IN_A_ROW = 50  # fp16 overflows in a row before training stops (the loss scale fell by 2^50)
+LOSS_PASSES = 1.5  # a step's memory per row over one pass with gradients: the no-grad teacher / target passes
+MEMORY_MARGIN = 0.85  # of the free GPU memory a step may plan for: fragmentation, cuDNN workspaces, NCCL buffers
 
 
 def _catch_signals() -> None:
@@ -171,6 +173,8 @@ class Training:
                                rows=slice(first, first + self.rank_rows), device=self.device,
                                placement=self.placement, sampling=cfg.data.sampling)
         self.step, self.history, self.evaluations, self.run_id, self.skipped_in_a_row = 0, [], [], None, 0
+        if self.device.type == "cuda":
+            self._fit_memory(configured=micro_batch)
         torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)  # dropout: each rank its own masks
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -183,6 +187,51 @@ class Training:
             print(message, file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------------------
+    def _pass_memory(self, rows: int) -> int:
+        """Peak bytes one forward and backward pass of `rows` random images allocates over what is held already
+        (its gradients included), measured on the device."""
+        resolution, device = self.cfg.data.spec.resolution, self.device
+        x = torch.randn(rows, 3, resolution, resolution, device=device, dtype=self.dtype)
+        x = x.contiguous(memory_format=self.memory_format)
+        labels = torch.zeros(rows, dtype=torch.long, device=device) if self.conditional else None
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+        with self.autocast():  # forward(), not the compiled __call__: no compilation for two throw-away shapes
+            self.model.forward(x, torch.ones(rows, device=device), labels).float().square().mean().backward()
+        peak = torch.cuda.max_memory_allocated(device) - held
+        self.model.zero_grad(set_to_none=True)
+        return peak
+
+    def _fit_memory(self, configured: int | None) -> None:
+        """Before step 1, from passes of 2 and 4 rows measured on this GPU (the training split, when placed on it,
+        already counted in what is free): with micro_batch null, the largest micro-batch that fits is chosen; a set
+        micro_batch that will not fit is named in a warning. Not even one image fitting is an error."""
+        small, large = self._pass_memory(2), self._pass_memory(4)
+        per_row = (large - small) / 2 * LOSS_PASSES
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # held over a step besides activations: the gradients (measured), Adam's or RAdam's two moments, DDP's buckets
+        fixed = small - (large - small) + params * (2 + (self.ctx.world_size > 1))
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        fits = -distributed.max_over_ranks(self.ctx, -fitting_micro_batch(self.rank_rows, fixed, per_row, free))
+        if fits >= self.micro_batch:
+            return
+        key = f"resources.{self.resources}.micro_batch"
+        on_gpu = self.placement == "device"
+        message = (f"{self.stage}: {self.micro_batch} images per process at once need about "
+                   f"{(fixed + self.micro_batch * per_row) / 1e9:.1f} GB of GPU memory, {free / 1e9:.1f} GB are free"
+                   + (" with the training split on the GPU" if on_gpu else ""))
+        if fits == 0:
+            raise SystemExit(f"error: {message}; not even one image fits"
+                             + ("; set run.data_placement: stream" if on_gpu else "; use a smaller network"))
+        if configured is None:
+            self.micro_batch, self.accumulation = fits, self.rank_rows // fits
+            self.say(f"{message}: micro_batch {fits} chosen (accumulation {self.accumulation}, same global batch); "
+                     f"set {key} to choose it yourself")
+        else:
+            self.say(f"warning: {message}; {key}: {fits} would fit")
+
     def rng_state(self) -> dict:
         """This rank's generators that draw dropout masks: the CPU's, and on a GPU the device's."""
         cuda = self.device.type == "cuda"
@@ -408,6 +457,13 @@ class Training:
         else:
             self.say(f"interrupted at step {self.step}: saved {self.resume_path}; re-run to resume")
         raise SystemExit(128 + signum)
+
+
+def fitting_micro_batch(rows: int, fixed_bytes: float, bytes_per_row: float, free_bytes: float) -> int:
+    """The largest divisor m of `rows` (one process's share of the batch, so that accumulation keeps the global
+    batch) with fixed + m * per_row within MEMORY_MARGIN of the free memory; 0 when not even one row fits."""
+    budget = MEMORY_MARGIN * free_bytes - fixed_bytes
+    return max((m for m in range(1, rows + 1) if rows % m == 0 and m * bytes_per_row <= budget), default=0)
 
 
 def plot_loss(history: list[tuple[int, float]], path: Path, title: str) -> None:

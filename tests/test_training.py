@@ -113,3 +113,17 @@ def test_a_step_out_of_gpu_memory_names_the_micro_batch_to_set(tmp_path):
     assert ("error: train_teacher: out of GPU memory at step 0 with 4 images per process at once (global batch 4 "
             "over 1 process(es), accumulation 1); set resources.train_teacher.micro_batch: 2") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_micro_batch_that_fits_divides_the_share_and_leaves_the_margin():
+    """Before step 1 on a GPU, micro_batch null becomes the largest divisor of the process's rows whose activations
+    fit MEMORY_MARGIN of the free memory after the fixed bytes (placement, weights, moments); numbers in GB."""
+    from pipeline.training import MEMORY_MARGIN, fitting_micro_batch
+
+    gb = 1e9
+    assert MEMORY_MARGIN == 0.85
+    assert fitting_micro_batch(64, 1 * gb, 0.1 * gb, 10 * gb) == 64  # 64 x 0.1 <= 8.5 - 1: all at once
+    assert fitting_micro_batch(64, 1 * gb, 0.2 * gb, 10 * gb) == 32  # at most 37 rows: the divisor 32
+    assert fitting_micro_batch(48, 1 * gb, 0.2 * gb, 10 * gb) == 24  # 37 does not divide 48: 24
+    assert fitting_micro_batch(64, 8 * gb, 0.2 * gb, 10 * gb) == 2   # 0.5 GB left after the fixed bytes
+    assert fitting_micro_batch(64, 9 * gb, 0.2 * gb, 10 * gb) == 0   # nothing fits: an error before step 1
