@@ -1,0 +1,195 @@
+"""docs/params.md: every knob of params.yaml in one place, generated from the two sources that define them.
+
+    python -m pipeline.params_doc [--check]      # rewrite docs/params.md, or exit 1 if it is not current
+
+params.yaml gives each knob's default (the top level: the paper's CIFAR-10 values) and its comment; the dataclasses
+of pipeline/config.py give its type and allowed values. Nothing is written by hand, so the page cannot drift: a
+test regenerates it and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import SECTIONS, Config, Resources
+from pipeline.data import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_]+):(?P<value>[^#]*?)\s*(?P<comment>#.*)?$")
+COMMENT_LINE = re.compile(r"^(?P<indent> *)#(?P<text>.*)$")
+
+
+@dataclasses.dataclass
+class Knob:
+    path: tuple[str, ...]
+    value: str
+    comment: str
+    column: int  # where its comment starts in the file: a comment line below at this column continues it
+
+
+def type_name(hint: Any) -> str:
+    """A type hint as a reader wants it: `a | b` for Literal choices, `int or null` for Optional."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        named = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping to {type_name(args[1])}" if args else "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def field_type(path: tuple[str, ...]) -> str:
+    """The config type of a dotted knob; '' where the schema has none (entries of a mapping such as ablation.runs)."""
+    hint: Any = Config
+    for part in path:
+        if not dataclasses.is_dataclass(hint):
+            return ""
+        hint = typing.get_type_hints(hint).get(part)
+        if hint is None:
+            return ""
+    return "section" if dataclasses.is_dataclass(hint) else type_name(hint)
+
+
+def read_knobs(text: str) -> tuple[list[Knob], dict[tuple[str, ...], list[str]]]:
+    """The knobs of params.yaml's top level (up to `experiments:`) with their comments, and the comment paragraphs
+    that open a section (e.g. resources)."""
+    knobs: list[Knob] = []
+    notes: dict[tuple[str, ...], list[str]] = {}
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        if line.startswith("experiments:"):
+            break
+        if (comment := COMMENT_LINE.match(line)) is not None:
+            column = len(comment["indent"])
+            if knobs and column == knobs[-1].column and column > 0:
+                knobs[-1].comment += " " + comment["text"].strip()
+            elif stack and column > 0:
+                notes.setdefault(tuple(k for _, k in stack), []).append(comment["text"].strip())
+            continue
+        if (match := KEY_LINE.match(line)) is None:
+            continue
+        indent = len(match["indent"])
+        stack = [(i, k) for i, k in stack if i < indent] + [(indent, match["key"])]
+        text_comment = (match["comment"] or "#")[1:].strip()
+        knobs.append(Knob(tuple(k for _, k in stack), match["value"].strip(), text_comment,
+                          line.index("#") if match["comment"] else -1))
+    return knobs, notes
+
+
+def presets(text: str) -> list[tuple[str, str]]:
+    """(name, comment) of each preset and named experiment."""
+    out = []
+    for block in ("experiments", "presets"):
+        body = text.split(f"\n{block}:\n", 1)[1]
+        above: list[str] = []  # the comment lines just above an entry describe it when it has none of its own
+        for line in body.splitlines():
+            if line and not line.startswith(" "):
+                break
+            if (comment := COMMENT_LINE.match(line)) and len(comment["indent"]) == 2:
+                above.append(comment["text"].strip())
+            elif (match := KEY_LINE.match(line)) and len(match["indent"]) == 2:
+                out.append((match["key"], (match["comment"] or "#")[1:].strip() or " ".join(above)))
+                above = []
+    return out
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render(params_text: str) -> str:
+    knobs, notes = read_knobs(params_text)
+    for extra in schema_only(knobs):  # after the last knob of its section
+        last = max(i for i, knob in enumerate(knobs) if knob.path[0] == extra.path[0])
+        knobs.insert(last + 1, extra)
+    lines = ["# params.yaml, every knob", "",
+             "Generated by `python -m pipeline.params_doc` from params.yaml (defaults: the paper's CIFAR-10 values, "
+             "and comments) and pipeline/config.py (types and allowed values); do not edit by hand. A preset "
+             "overrides some of these; one command overrides one with `--set section.knob=value`.", ""]
+    for knob in knobs:
+        where = ".".join(knob.path)
+        if len(knob.path) == 1 and not knob.value:  # a section
+            lines += ["", f"## `{where}`", ""]
+            if knob.comment:
+                lines += [knob.comment[0].upper() + knob.comment[1:], ""]
+            if knob.path in notes:
+                lines += [" ".join(notes[knob.path]), ""]
+            lines += ["| knob | default | type | meaning |", "| --- | --- | --- | --- |"]
+            continue
+        if len(knob.path) == 1:  # preset, follow: top-level scalars
+            lines += ["", f"## `{where}`", "", f"Default `{knob.value}` ({field_type(knob.path)}). {knob.comment}"]
+            continue
+        value = f"`{cell(knob.value)}`" if knob.value else ""
+        schema = SECTIONS.get(knob.path[0])
+        comment = knob.comment or (schema_comment(schema, knob.path[1]) if dataclasses.is_dataclass(schema) else "")
+        lines.append(f"| `{where}` | {value} | {field_type(knob.path)} | {cell(comment)} |")
+    lines += ["", "Each entry of `resources`:", "", "| field | default | type | meaning |", "| --- | --- | --- | --- |"]
+    hints = typing.get_type_hints(Resources)
+    for f in dataclasses.fields(Resources):
+        default = "" if f.default is dataclasses.MISSING else f"`{'null' if f.default is None else f.default}`"
+        meaning = cell(schema_comment(Resources, f.name))
+        lines.append(f"| `{f.name}` | {default} | {type_name(hints[f.name])} | {meaning} |")
+    lines += ["", "## Presets and named experiments", "",
+              "`preset: NAME` (or `--config preset=NAME` with Snakemake; several joined by `+`); "
+              "`--config experiment=NAME` for a named experiment.", "", "| name | what it is |", "| --- | --- |"]
+    lines += [f"| `{name}` | {cell(comment)} |" for name, comment in presets(params_text)]
+    return "\n".join(lines) + "\n"
+
+
+def schema_comment(schema: type, name: str) -> str:
+    """The comment on a field's line in pipeline/config.py."""
+    for line in inspect.getsource(schema).splitlines():
+        if re.match(rf"\s+{name}:", line) and "#" in line:
+            return line.split("#", 1)[1].strip()
+    return ""
+
+
+def schema_only(knobs: list[Knob]) -> list[Knob]:
+    """Fields with a default in the schema that params.yaml's top level leaves out (so that adding them there does
+    not change the fingerprints of existing outputs): the schema's default and comment."""
+    listed = {knob.path for knob in knobs}
+    out = []
+    for section, schema in SECTIONS.items():
+        if not dataclasses.is_dataclass(schema):
+            continue
+        for f in dataclasses.fields(schema):
+            if (section, f.name) in listed:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            value = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+            out.append(Knob((section, f.name), value, f"{schema_comment(schema, f.name)} (a default of "
+                                                    "pipeline/config.py, not listed in params.yaml)", -1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "params.md"))
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page is not current (nothing written)")
+    args = parser.parse_args()
+    text = Path(args.params).read_text()
+    page = render(text)
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != page:
+            sys.exit(f"error: {out} is not current; run python -m pipeline.params_doc")
+        return
+    with atomic_write(out) as tmp:
+        Path(tmp).write_text(page)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
