@@ -123,12 +123,14 @@ def multistep_sample(
     generator: torch.Generator | None = None,
     sigma_min: float = 0.002,
     clip: bool = True,
+    noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling (paper Alg. 1). x_T = sigmas[0] * z; sigmas non-increasing (a repeated
     time, as the official search's index 0 gives for (sigma_max, sigma_max), is a valid step: noise again to it).
 
     After each evaluation of f the sample is clamped to the data range [-1, 1] (as the paper) unless
-    clip=False.
+    clip=False. noise(x): the z of a step, shaped like x (default: one draw from `generator` for the batch;
+    pipeline.generate draws it per image, so an image depends on its seed alone).
     """
     sigmas = [float(s) for s in sigmas]
     if any(b > a for a, b in zip(sigmas, sigmas[1:])):
@@ -136,8 +138,11 @@ def multistep_sample(
     x = f(x_T, torch.full((x_T.shape[0],), sigmas[0], device=x_T.device, dtype=x_T.dtype))
     x = x.clamp(-1, 1) if clip else x
     for tau in sigmas[1:]:
-        noise_device = generator.device if generator is not None else x.device
-        z = torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
+        if noise is None:
+            noise_device = generator.device if generator is not None else x.device
+            z = torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
+        else:
+            z = noise(x)
         x = x + math.sqrt(tau**2 - sigma_min**2) * z
         x = f(x, torch.full((x.shape[0],), tau, device=x.device, dtype=x.dtype))
         x = x.clamp(-1, 1) if clip else x

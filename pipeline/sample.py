@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,21 @@ def class_labels(num_samples: int, label_dim: int, seed: int) -> np.ndarray | No
     return np.random.default_rng(seed).integers(0, label_dim, num_samples)
 
 
+def solve(model: torch.nn.Module, kind: str, x_T: torch.Tensor, sigmas: list[float], labels: torch.Tensor | None,
+          solver: str = "heun", teacher_clip: bool = False, sigma_min: float = 0.002,
+          generator: torch.Generator | None = None,
+          noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """x_T = sigmas[0] * z -> images (floats, about [-1, 1]): the teacher's Heun (or Euler) solve of the ODE, or a
+    consistency model's Alg. 1, its fresh noise from `generator` or noise(x) (cm.multistep_sample). Shared with
+    pipeline.generate, so that both sample alike."""
+    f = model if labels is None else (lambda x, sigma: model(x, sigma, labels))
+    if kind == "teacher" and solver == "euler":
+        return cm.euler_sample(f, x_T, torch.tensor(sigmas))
+    if kind == "teacher":
+        return cm.heun_sample(f, x_T, torch.tensor(sigmas), clip=teacher_clip)
+    return cm.multistep_sample(f, x_T, sigmas, generator=generator, sigma_min=sigma_min, noise=noise)
+
+
 def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples: int, batch: int, seed: int,
              device: torch.device, sigma_min: float = 0.002, progress: bool = True, uint8: str = "round",
              teacher_clip: bool = False, solver: str = "heun") -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +102,8 @@ def generate(model: torch.nn.Module, kind: str, sigmas: list[float], num_samples
         generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
         x_T = (torch.randn(n, 3, resolution, resolution, generator=generator) * sigmas[0]).to(device)
         y = None if labels is None else torch.as_tensor(labels[start:start + n], device=device)
-        f = model if y is None else (lambda x, sigma, y=y: model(x, sigma, y))
-        if kind == "teacher" and solver == "euler":
-            x = cm.euler_sample(f, x_T, torch.tensor(sigmas))
-        elif kind == "teacher":
-            x = cm.heun_sample(f, x_T, torch.tensor(sigmas), clip=teacher_clip)
-        else:
-            x = cm.multistep_sample(f, x_T, sigmas, generator=generator.manual_seed(seed + b + 1), sigma_min=sigma_min)
+        x = solve(model, kind, x_T, sigmas, y, solver, teacher_clip, sigma_min,
+                  generator=generator.manual_seed(seed + b + 1))
         out.append(uint8_on_device(x, uint8).to("cpu", non_blocking=device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the last copies have landed
