@@ -28,6 +28,8 @@ from pipeline.datasets import DATASETS, DatasetSpec
 ENV_SOURCE = "CIFAR10_SOURCE"  # overrides data.source for CIFAR-10, so a local copy needs no edit of params.yaml
 EDM_RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # LPIPS' backbone (torchvision)
+# lpips.* left null: these files in run.weights_dir (python -m pipeline.weights puts them there)
+LPIPS_FILES = {"vgg16_weights": "vgg16-397923af.pth", "linear_weights": "lpips-vgg-v0.1.pth"}
 OPENAI_RELEASE_URL = "https://openaipublic.blob.core.windows.net/consistency/"  # pipeline.import_openai's files
 
 
@@ -75,6 +77,7 @@ class Run:
     data_placement: Literal["auto", "device", "stream"]  # training split on the GPU, or streamed by a thread
     models: list[str] = field(default_factory=lambda: ["teacher", "cd", "ct"])  # what the DAG samples and scores
     tracking: Literal["mlflow", "none"] = "mlflow"  # none: no MLflow runs (nor import): a node without MLflow
+    weights_dir: str = "weights"  # python -m pipeline.weights' folder (Inception, LPIPS), which every stage reads
 
     def problems(self) -> list[tuple[str, str]]:
         out = [("threads", "must be >= 0")] if self.threads < 0 else []
@@ -323,8 +326,8 @@ class ConsistencyTuning:
 
 @dataclass(frozen=True)
 class Lpips:
-    vgg16_weights: str  # torchvision's vgg16-397923af.pth
-    linear_weights: str  # the LPIPS v0.1 'vgg' linear layers
+    vgg16_weights: str | None  # torchvision's vgg16-397923af.pth (null: in run.weights_dir)
+    linear_weights: str | None  # the LPIPS v0.1 'vgg' linear layers (null: lpips-vgg-v0.1.pth in run.weights_dir)
     pooling: Literal["max", "avg"]  # VGG's pooling: max (LPIPS v0.1, JAX code) or avg (piq replace_pooling: PyTorch)
 
 
@@ -719,6 +722,7 @@ def validate(resolved: dict, source: str = "params.yaml") -> Config:
     for key in resolved:
         if key not in ("preset", "follow") and key not in SECTIONS:
             raise _unknown(where, str(key), list(SECTIONS))
+    resolved = _weight_paths(resolved)
     sections = {}
     for name, cls in SECTIONS.items():
         if name not in resolved:
@@ -731,6 +735,19 @@ def validate(resolved: dict, source: str = "params.yaml") -> Config:
             sections[name] = _build(cls, resolved[name], f"{where}{name}.")
     _cross_checks(sections, where)
     return Config(preset=resolved["preset"], follow=resolved.get("follow", "paper"), raw=resolved, **sections)
+
+
+def _weight_paths(resolved: dict) -> dict:
+    """lpips.* left null become files in run.weights_dir, in the resolved dict too: a stage's key sees the same
+    path as when it was spelt out (weights/vgg16-397923af.pth before run.weights_dir existed)."""
+    run, lpips = resolved.get("run"), resolved.get("lpips")
+    nulls = [key for key in LPIPS_FILES if isinstance(lpips, dict) and key in lpips and lpips[key] is None]
+    if not nulls:
+        return resolved
+    folder = run.get("weights_dir", "weights") if isinstance(run, dict) else "weights"
+    if not isinstance(folder, str):
+        raise ConfigError(f"run.weights_dir: expected a string, got {folder!r}")
+    return resolved | {"lpips": lpips | {key: os.path.join(folder, LPIPS_FILES[key]) for key in nulls}}
 
 
 TRAIN_STAGE = {"teacher": "train_teacher", "cd": "distill_cd", "ct": "train_ct", "ict": "train_ict",

