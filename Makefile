@@ -9,7 +9,7 @@ CORES ?= 2
 PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo proof compare test test-fast lint bench repro push pull dag clean-results
+.PHONY: setup demo proof compare test test-fast lint bench repro push pull dag clean-results weights
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,9 +47,24 @@ test-fast: setup
 lint: setup
 	ruff check pipeline tests
 
+# Inception and LPIPS weights into run.weights_dir (default weights/), once, where there is internet: every stage reads them.
+weights: setup
+	python -m pipeline.weights
+
 # Throughput of every workload of the preset's network, beside plain fp32 eager: results/bench/<device>.md
 bench: setup
 	python -m pipeline.bench $(BENCH_ARGS)
+
+# GPU acceptance (docs/gpu-acceptance.md). gpu-pack: clean-fid, fp16 Inception and CIFAR-10 ($CIFAR10_SOURCE) for a bare
+# GPU machine, in .gpu-pack/ (<= 60 MiB); gpu-check: the parts of GPU_PARTS here (add --cpu for tiny sizes on a CPU).
+.PHONY: gpu-pack gpu-check
+GPU_PARTS ?= A C
+gpu-pack: setup
+	python -m pipeline.gpu_pack
+	@du -sh .gpu-pack
+
+gpu-check:
+	bash scripts/gpu_acceptance.sh $(GPU_PARTS)
 
 # dvc.yaml is generated from pipeline/stages.py for the preset params.yaml selects.
 dvc.yaml: params.yaml pipeline/stages.py
@@ -66,8 +81,13 @@ push: setup dvc.yaml
 pull: setup
 	python -m pipeline.versions pull
 
+# The DAG of the demo as a picture (Graphviz's `dot`: apt install graphviz): docs/figures/dag.png
 dag: setup
-	snakemake --dag results/tables/table1.csv | dot -Tpng > results/figures/dag.png
+	@command -v dot >/dev/null || { echo "error: make dag needs Graphviz's dot (e.g. apt install graphviz)"; exit 1; }
+	mkdir -p docs/figures
+	snakemake --quiet all --dag dot results/tables/table1.csv > docs/figures/dag.dot.tmp
+	dot -Tpng -Gdpi=60 docs/figures/dag.dot.tmp > docs/figures/dag.png.tmp && rm docs/figures/dag.dot.tmp
+	mv docs/figures/dag.png.tmp docs/figures/dag.png
 
 clean-results:
 	rm -rf $(foreach d,cifar10 imagenet64 lsun_bedroom lsun_cat gmm,data/$(d)) checkpoints samples results/metrics \

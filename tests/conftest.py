@@ -1,6 +1,6 @@
 """Helpers shared by the end-to-end tests: a synthetic CIFAR-10 and a micro-preset workspace.
 
-The suite's budget (README, Tests): `make test` runs it on 2 workers (pytest-xdist, --dist loadfile: the tests of one
+The suite's budget (docs/tests.md): `make test` runs it on 2 workers (pytest-xdist, --dist loadfile: the tests of one
 file run on one worker, so a session or module fixture used within one file is built once) and CI must finish in 25
 minutes on 2 cores. So, from now on: a new end-to-end test reuses a shared workspace -- `micro_dag` (the micro DAG,
 built once per run; copy it with `copy_workspace` before changing anything) or its module's fixture -- or says in

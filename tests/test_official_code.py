@@ -32,7 +32,7 @@ def preset(name: str, follow: str = "paper", *sets: str) -> config.Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# follow: code, per preset (the README's table says the same).
+# follow: code, per preset (docs/fidelity.md's table says the same).
 
 CODE_VALUES = {  # preset -> {knob: (paper value, official code's value)}
     "paper_cifar10": {"ct.lr": (4e-4, 2e-4), "cd.init_weights": ("ema", "online"), "data.sampling":

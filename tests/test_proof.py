@@ -31,7 +31,7 @@ def test_the_proof_dag_shows_the_papers_four_claims_and_reports_ict_and_ects(tmp
     failed = [f"{c.name} {c.statement}: {c.evidence}" for c in paper if not c.holds]
     assert not failed, "\n".join(failed)
     assert len(paper) == 7 and [c.name for c in found[-2:]] == ["(v)", "(vi)"]
-    # iCT's and ECT's own claims are measured and reported either way (README: what they show at this budget).
+    # iCT's and ECT's own claims are measured and reported either way (docs/fidelity.md: what they show at this budget).
     md = (ws / "results/tables/proof.md").read_text()
     assert md.count("**holds**") + md.count("**FAILS**") == len(found) == 9
     rows = list(zip(table.model, table.sampler, table.nfe.fillna(0).astype(int)))
