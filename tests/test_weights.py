@@ -167,3 +167,28 @@ def test_the_evaluate_stage_reads_the_inception_from_the_weights_dir(tmp_path, m
     assert str(folder) not in load_inception(cfg, "cpu").source
     os.symlink(metrics.fid_helper_weights_path(), folder / metrics.FID_HELPER_FILE)
     assert metrics.fid_helper_weights_path(folder) == str(folder / metrics.FID_HELPER_FILE)
+
+
+def test_a_job_downloads_the_inception_into_the_weights_dir_never_into_tmp(tmp_path, monkeypatch):
+    """Without `make weights`, the first job that needs clean-fid's Inception fetches it into run.weights_dir
+    (shared on a cluster, kept), not into the node-local /tmp that each job on each node would fill again."""
+    fetched = []
+
+    def fake_download(url, dest):
+        fetched.append(dest)
+        Path(dest).write_bytes(b"inception")
+
+    monkeypatch.setattr(metrics, "_download", fake_download)
+    monkeypatch.setattr(metrics, "_download_error", None)
+    monkeypatch.setattr(metrics, "CLEAN_FID_PATH", str(tmp_path / "tmp" / metrics.CLEAN_FID_FILE))
+    folder = tmp_path / "weights" / "new"   # made when missing
+    path = metrics.clean_fid_weights_path(weights_dir=folder)
+    assert fetched == [path] == [str(folder / metrics.CLEAN_FID_FILE)]
+    assert not (tmp_path / "tmp").exists()
+    assert metrics.clean_fid_weights_path(weights_dir=folder) == path and len(fetched) == 1   # read, not fetched
+    # Offline, the message names the folder's file and make weights.
+    (folder / metrics.CLEAN_FID_FILE).unlink()
+    monkeypatch.setattr(metrics, "_download_error", "offline (test)")
+    with pytest.raises(RuntimeError) as error:
+        metrics.clean_fid_weights_path(weights_dir=folder)
+    assert f"at {folder / metrics.CLEAN_FID_FILE} (`make weights`" in str(error.value)
