@@ -9,9 +9,10 @@
 openai/consistency_models (converted in memory by pipeline.import_openai; kind and resolution from the published
 file name, else --kind and --resolution; attention heads of --head-channels, 64 for the published names).
 Consistency models run Algorithm 1 with --steps N (1: sigma_max alone; N > 1: the checkpoint's N-time schedule of
-sample.<kind>_schedules) or the times --ts; the teacher EDM's Heun sampler on --steps Karras levels (default: its
-sample.teacher_steps, else 18) or the levels --ts. uint8 rounding and the teacher's clipping follow the checkpoint's
-sample section, like the sample stage.
+sample.<kind>_schedules; a published OpenAI file's 2 steps are launch.sh's, e.g. 80 and 1.382 for ImageNet 64 CD) or
+the times --ts; the teacher EDM's Heun sampler on --steps Karras levels (default: its sample.teacher_steps, 40 for a
+published EDM file as launch.sh, else 18) or the levels --ts. uint8 rounding and the teacher's clipping follow the
+checkpoint's sample section, like the sample stage.
 
 An image depends on its seed alone: its noise, its class (conditional models; --class fixes it) and the fresh
 noise of each multistep step come from torch.Generator().manual_seed(seed), drawn on the CPU, so neither the batch,
@@ -123,6 +124,8 @@ def read_checkpoint(path: str | Path, kind: str | None = None, resolution: int |
         raise InputError(f"{path}: holds a {kind} network {ckpt['network']} with {found[2]} classes, not the "
                          f"published {published.kind} {published.network}: pass --resolution and --head-channels "
                          "to use it as it is")
+    if published and kind == published.kind:
+        ckpt["config"] = {"sample": published.sample_section()}   # launch.sh's --steps 40 / 2-step times
     return ckpt
 
 

@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from pipeline import models
+from pipeline import cm, models
 from pipeline.config import OPENAI_RELEASE_URL, InputError
 from pipeline.data import sha256_file
 from pipeline.networks import ADMUNet
@@ -70,6 +70,14 @@ OFFICIAL_REPO = "https://github.com/openai/consistency_models"
 OFFICIAL_DIFFUSION = {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "sigma_data": 0.5}
 HEAD_CHANNELS = 64  # --num_head_channels of every model in scripts/launch.sh
 OFFICIAL_GROUPS = 32  # cm/nn.py normalization(): GroupNorm32(32, channels)
+# scripts/launch.sh's samplers: the EDM teachers run Heun on 40 levels; the consistency models' 2-step lines run
+# `--ts 0,<index>,<last> --steps <levels>`, i.e. times 80 and the Karras level <index> of <levels> (the paper's
+# ternary-searched 2-step times: 1.382, 1.913, 4.366, 3.520, 3.991, 5.249). launch.sh has no 2-step line for
+# LSUN Cat's CD files.
+TEACHER_STEPS = 40
+TWO_STEP_LEVEL = {"cd_imagenet64_l2.pt": (22, 40), "cd_imagenet64_lpips.pt": (22, 40), "ct_imagenet64.pt": (106, 201),
+                  "cd_bedroom256_l2.pt": (18, 40), "cd_bedroom256_lpips.pt": (17, 40), "ct_bedroom256.pt": (67, 151),
+                  "ct_cat256.pt": (62, 151)}
 
 # scripts/launch.sh: ImageNet 64 (class-conditional) and LSUN 256 (bedroom and cat), as our network sections.
 IMAGENET64_NETWORK = {"arch": "adm", "model_channels": 192, "channel_mult": [1, 2, 3, 4], "num_blocks": 3,
@@ -92,6 +100,17 @@ class PublishedModel:
     @property
     def url(self) -> str:
         return RELEASE_URL + self.file
+
+    def sample_section(self) -> dict[str, Any]:
+        """launch.sh's sampling of this file, as a training config's `sample` section (what generate reads)."""
+        if self.kind == "teacher":
+            return {"teacher_steps": TEACHER_STEPS}
+        if self.file not in TWO_STEP_LEVEL:
+            return {}
+        index, levels = TWO_STEP_LEVEL[self.file]
+        d = OFFICIAL_DIFFUSION
+        sigma = cm.karras_sigmas(levels, d["sigma_min"], d["sigma_max"], d["rho"])[index].item()
+        return {f"{self.kind}_schedules": [[d["sigma_max"]], [d["sigma_max"], sigma]]}
 
 
 def _published() -> dict[str, PublishedModel]:

@@ -130,12 +130,17 @@ def test_an_official_state_dict_under_a_published_name(tmp_path):
     cli(*given, "--batch", "4", "--outdir", tmp_path / "png")
     cli(*given, "--npz", tmp_path / "a.npz")
     cli(*given, "--class", "3", "--npz", tmp_path / "b.npz")
+    cli(*given, "--steps", "2", "--npz", tmp_path / "two.npz")   # launch.sh's times for this name: 80, level 22/40
+    cli(*given, "--ts", f"80,{cm.karras_sigmas(40)[22].item()!r}", "--npz", tmp_path / "ts.npz")
     images = [np.asarray(Image.open(io.BytesIO(b))) for b in pngs(tmp_path / "png").values()]
     drawn, fixed = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert len(images) == 6 and images[0].shape == (8, 8, 3)
     np.testing.assert_array_equal(np.stack(images), drawn["images"])  # the same images either way
     assert set(drawn["labels"]) <= set(range(10)) and len(set(drawn["labels"])) > 1  # a class per seed
     assert list(fixed["labels"]) == [3] * 6
+    two, ts = np.load(tmp_path / "two.npz"), np.load(tmp_path / "ts.npz")
+    np.testing.assert_array_equal(two["images"], ts["images"])
+    assert not np.array_equal(two["images"], drawn["images"])
     # Under its published name the file must hold the published network unless nothing is left to guess.
     assert "not the published" in error_of("--checkpoint", path, "--head-channels", "8", "--outdir", tmp_path)
 

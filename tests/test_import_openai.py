@@ -180,6 +180,20 @@ def test_the_release_table(tmp_path: Path) -> None:
         import_checkpoint(tmp_path / "renamed.pt")
 
 
+
+def test_published_files_sample_as_launch_sh():
+    """The 2-step times launch.sh's grid indices give are the paper's ternary-searched ones (paper-facts: 1.382,
+    1.913, 4.366, 3.520, 3.991, 5.249); the EDM teachers run Heun on 40 levels; Cat's CD files have no 2-step line."""
+    paper = {"cd_imagenet64_l2.pt": 1.382, "cd_imagenet64_lpips.pt": 1.382, "ct_imagenet64.pt": 1.913,
+             "cd_bedroom256_lpips.pt": 4.366, "cd_bedroom256_l2.pt": 3.520, "ct_bedroom256.pt": 3.991,
+             "ct_cat256.pt": 5.249}
+    for name, sigma in paper.items():
+        published = import_openai.PUBLISHED[name]
+        (one, two), = [published.sample_section()[f"{published.kind}_schedules"]]
+        assert one == [80.0] and two[0] == 80.0 and round(two[1], 3) == sigma, (name, two)
+    assert import_openai.PUBLISHED["edm_cat256_ema.pt"].sample_section() == {"teacher_steps": 40}
+    assert import_openai.PUBLISHED["cd_cat256_lpips.pt"].sample_section() == {}
+
 def test_a_mismatched_state_dict_is_refused(golden: dict, tmp_path: Path) -> None:
     state = official_state(golden["variants"]["lsun_like"])
     _, ckpt = imported(golden, "lsun_like", "teacher")
