@@ -1,4 +1,4 @@
-# The two commands of the README:
+# The commands of the README:
 #   make demo   set up .venv, then run the whole DAG locally on the `tiny` preset (~10 min on 2 CPU cores)
 #   make proof  the DAG on data with exact answers (preset `proof`): the paper's claims, measured
 #   make test   set up .venv, then run the test suite
