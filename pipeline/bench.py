@@ -312,7 +312,7 @@ def fid_path(add: Callable[[Row], None], cfg: Config, device: torch.device, samp
     try:
         from pipeline.metrics import InceptionFeatures  # imports clean-fid: only this row needs it
 
-        inception = InceptionFeatures(e.inception, e.mode, device, e.batch)
+        inception = InceptionFeatures(e.inception, e.mode, device, e.batch, weights_dir=cfg.run.weights_dir)
     except ImportError as error:
         why = f"no clean-fid: {failure(error)}"
     except (FileNotFoundError, OSError, RuntimeError, ValueError) as error:
@@ -405,6 +405,9 @@ def run(args: argparse.Namespace) -> Path:
         base = load(config, args.preset, args.set)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    # The rows run in a temporary folder: pin the weights folder (Inception, LPIPS) to where it is from here.
+    knobs = [*args.set, f"run.weights_dir={Path(base.run.weights_dir).resolve()}"]
+    base = load(config, args.preset, knobs)
     device = setup_torch(base)
     cuda = device.type == "cuda"
     batch = args.batch or (512 if cuda else 32)
@@ -426,7 +429,7 @@ def run(args: argparse.Namespace) -> Path:
         write_synthetic_workspace(base, images=max(2 * batch, 64))
 
         def config_for(variant: str, *sets: str) -> Config:
-            cfg = load(config, args.preset, [*args.set, *weights, *sets, *variant_sets(variant)])
+            cfg = load(config, args.preset, [*knobs, *weights, *sets, *variant_sets(variant)])
             teacher = Path(checkpoint(cfg, "teacher"))
             if not teacher.exists():  # run.* knobs of a variant are part of the teacher's key: the same random teacher
                 teacher.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pipeline import bench, config
+from pipeline import bench, config, metrics
 from pipeline.data import Batches, choose_placement, to_model_range, training_images
 from pipeline.models import ema_update
 from pipeline.stages import checkpoint
@@ -370,3 +370,27 @@ def test_bench_imports_without_clean_fid():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("no clean-fid") == 2
+
+
+def test_bench_reads_the_weights_folder_although_it_runs_in_a_temporary_one(tmp_path, monkeypatch):
+    """run.weights_dir is relative (weights/) by default, and the rows run in a temporary folder: Inception and LPIPS
+    must still be looked for in the folder `make weights` filled, not in the temporary one."""
+    seen = {}
+
+    def lpips_sets(cfg):
+        seen["lpips"] = cfg.lpips.vgg16_weights
+        return [], ""
+
+    class Inception:
+        def __init__(self, *args, weights_dir=None, **kwargs):
+            seen["inception"] = weights_dir
+            raise RuntimeError("no weights (test)")
+
+    monkeypatch.setattr(bench, "lpips_sets", lpips_sets)
+    monkeypatch.setattr(metrics, "InceptionFeatures", Inception)
+    monkeypatch.chdir(ROOT)
+    args = argparse.Namespace(config="params.yaml", preset="micro", set=[], batch=4, steps=1, warmup=1,
+                              variants="eager", workloads="Inception", fid_samples=8, out=str(tmp_path / "out"))
+    text = bench.run(args).read_text()
+    assert "no Inception weights: no weights (test)" in text
+    assert seen == {"inception": str(ROOT / "weights"), "lpips": str(ROOT / "weights" / "vgg16-397923af.pth")}
