@@ -149,8 +149,7 @@ def clean_fid_weights_path(download: bool = True, weights_dir: str | os.PathLike
     try:
         if _download_error is not None:   # offline: do not wait for the network again in this process
             raise OSError(_download_error)
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        _download(CLEAN_FID_URL, dest)
+        _download(CLEAN_FID_URL, dest)   # makes the folder once the URL answers
     except OSError as e:
         _download_error = str(e)
         fetch = " (`make weights` where there is internet)" if weights_dir is not None else ""

@@ -32,8 +32,7 @@ def test_the_readme_names_no_path_outside_the_repository():
 def test_the_readmes_make_targets_and_modules_exist():
     text = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
-    defined = set(re.findall(r"^([\w.-]+(?: [\w.-]+)*):", makefile, re.M))
-    defined = {name for line in defined for name in line.split()}
+    defined = {name for line in re.findall(r"^([\w.-]+(?: [\w.-]+)*):", makefile, re.M) for name in line.split()}
     used = set(re.findall(r"`make ([\w-]+)", text)) | set(re.findall(r"^make ([\w-]+)", text, re.M))
     assert used and used <= defined, used - defined
     modules = set(re.findall(r"python -m pipeline\.(\w+)", text))

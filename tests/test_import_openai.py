@@ -180,7 +180,6 @@ def test_the_release_table(tmp_path: Path) -> None:
         import_checkpoint(tmp_path / "renamed.pt")
 
 
-
 def test_published_files_sample_as_launch_sh():
     """The 2-step times launch.sh's grid indices give are the paper's ternary-searched ones (paper-facts: 1.382,
     1.913, 4.366, 3.520, 3.991, 5.249); the EDM teachers run Heun on 40 levels; Cat's CD files have no 2-step line."""
@@ -193,6 +192,7 @@ def test_published_files_sample_as_launch_sh():
         assert one == [80.0] and two[0] == 80.0 and round(two[1], 3) == sigma, (name, two)
     assert import_openai.PUBLISHED["edm_cat256_ema.pt"].sample_section() == {"teacher_steps": 40}
     assert import_openai.PUBLISHED["cd_cat256_lpips.pt"].sample_section() == {}
+
 
 def test_a_mismatched_state_dict_is_refused(golden: dict, tmp_path: Path) -> None:
     state = official_state(golden["variants"]["lsun_like"])

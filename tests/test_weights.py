@@ -174,8 +174,9 @@ def test_a_job_downloads_the_inception_into_the_weights_dir_never_into_tmp(tmp_p
     (shared on a cluster, kept), not into the node-local /tmp that each job on each node would fill again."""
     fetched = []
 
-    def fake_download(url, dest):
+    def fake_download(url, dest):   # as _download: the folder is made once the URL answers
         fetched.append(dest)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
         Path(dest).write_bytes(b"inception")
 
     monkeypatch.setattr(metrics, "_download", fake_download)
